@@ -1,0 +1,1 @@
+"""Entry points that compose ``pipeline`` and ``model`` on Ray and MLflow."""

@@ -1,0 +1,92 @@
+"""One function turns a :class:`~model.config.ModelConfig` into modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchvision.models.detection.rpn import RPNHead
+
+from model.anchors import MMDetAnchorGenerator
+from model.backbone import build_backbone
+from model.box_head import DoubleHeadBoxHead, TwoFCBoxHead
+from model.config import ModelConfig, model_config
+from model.detector import DoubleHeadRCNN
+from model.roi_heads import DoubleHeadRoIHeads
+from model.roi_pooler import LevelRoIPooler
+from model.rpn import MMDetRPN
+from model.transform import NormalizePad
+
+
+def build_model(cfg: ModelConfig) -> DoubleHeadRCNN:
+    """Build the detector described by ``cfg`` (random init except ``backbone.weights``)."""
+    backbone = build_backbone(
+        depth=cfg.backbone.depth,
+        norm=cfg.backbone.norm,
+        frozen_stages=cfg.backbone.frozen_stages,
+        fpn_channels=cfg.fpn.out_channels,
+        weights=cfg.backbone.weights,
+    )
+    r = cfg.rpn
+    anchors = MMDetAnchorGenerator(r.anchor_strides, r.anchor_scales, r.anchor_ratios)
+    rpn_head = RPNHead(cfg.fpn.out_channels, anchors.num_anchors_per_location()[0])
+    rpn = MMDetRPN(
+        anchors,
+        rpn_head,
+        fg_iou_thresh=r.fg_iou_thresh,
+        bg_iou_thresh=r.bg_iou_thresh,
+        min_pos_iou=r.min_pos_iou,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        pre_nms_top_n={"training": r.pre_nms_top_n_train, "testing": r.pre_nms_top_n_test},
+        post_nms_top_n={"training": r.post_nms_top_n_train, "testing": r.post_nms_top_n_test},
+        nms_thresh=r.nms_thresh,
+        cls_loss_weight=r.cls_loss_weight,
+        reg_loss_weight=r.reg_loss_weight,
+        size_divisible=cfg.size_divisible,
+    )
+    h = cfg.roi_head
+    if h.head == "fc":
+        box_head = TwoFCBoxHead(cfg.fpn.out_channels, cfg.num_classes, h.roi_size, h.fc_channels)
+        scales: tuple[float, ...] = (1.0,)
+    else:
+        box_head = DoubleHeadBoxHead(
+            cfg.fpn.out_channels,
+            cfg.num_classes,
+            roi_size=h.roi_size,
+            conv_channels=h.conv_channels,
+            num_conv_blocks=h.num_conv_blocks,
+            fc_channels=h.fc_channels,
+            ext=h.head == "double_ext",
+        )
+        scales = (1.0, h.reg_roi_scale_factor)
+    pooler = LevelRoIPooler(
+        featmap_names=("0", "1", "2", "3"),
+        strides=tuple(r.anchor_strides[:4]),
+        output_size=h.roi_size,
+        finest_scale=h.finest_scale,
+        scale_factors=scales,
+    )
+    roi_heads = DoubleHeadRoIHeads(
+        pooler,
+        box_head,
+        head_kind=h.head,
+        fg_iou_thresh=h.fg_iou_thresh,
+        bg_iou_thresh=h.bg_iou_thresh,
+        batch_size_per_image=h.batch_size_per_image,
+        positive_fraction=h.positive_fraction,
+        bbox_reg_stds=h.bbox_reg_stds,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img,
+        cls_loss_weight=h.cls_loss_weight,
+        reg_loss_weight=h.reg_loss_weight,
+        smooth_l1_beta=h.smooth_l1_beta,
+        ext_weights=(h.ext_omega_fc, h.ext_lambda_fc, h.ext_omega_conv, h.ext_lambda_conv),
+    )
+    transform = NormalizePad(cfg.image_mean, cfg.image_std, cfg.size_divisible)
+    return DoubleHeadRCNN(backbone, rpn, roi_heads, transform, cfg.num_classes, cfg.channels_last)
+
+
+def build_detector(preset: str, num_classes: int, **overrides: Any) -> DoubleHeadRCNN:
+    """``build_detector("dh_r50_fpn", 80, roi_head={"head": "double_ext"})``: preset + overrides -> model."""
+    return build_model(model_config(preset, num_classes, **overrides))
