@@ -19,6 +19,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "synth": ("synth", "write a synthetic COCO dataset of shapes (train and val splits), locally or to s3://"),
     "prepare": ("prepare", "convert a COCO dataset (one split) into sharded Parquet with a manifest, on Ray Data"),
+    "train": ("train", "train a detector with Ray Train (DDP) from a job config, tracked in MLflow"),
+    "quickstart": (
+        "quickstart",
+        "synthetic data -> Parquet -> 2-worker CPU training -> evaluation -> registered model",
+    ),
+    "evaluate": ("evaluate", "COCO box AP (pycocotools) of a detections file against its annotations"),
 }
 
 

@@ -1,0 +1,356 @@
+"""Ray Data streams of decoded, resized (and for training, flipped) detection images.
+
+Two sources, one stream:
+
+* :class:`ParquetSource`: the directory ``dhrcnn prepare`` wrote (local path or ``s3://``), the fast path.
+  Read with ``ray.data.read_parquet`` through the pyarrow filesystem from :mod:`pipeline.storage`; refused
+  unless its ``manifest.json`` exists (``prepare`` writes it last, so without it the dataset is incomplete).
+* :class:`CocoSource`: an instances JSON plus an image prefix, for users who skip ``prepare``. The records
+  come from :func:`pipeline.coco.load_coco` on the driver (annotations only, no pixels); image bytes are
+  fetched inside Ray Data tasks, several requests in flight per task.
+
+Decoding (:mod:`pipeline.decode`) and the transforms (:mod:`pipeline.transforms`) run in ``map_batches`` tasks
+on CPU workers, one CPU each; rows leave them as uint8 ``[h, w, 3]`` images in the object store, with this
+schema (see :data:`pipeline.collate.STREAM_COLUMNS`): ``image_id`` int64, ``image`` variable-shaped uint8
+tensor ``[h, w, 3]``, ``boxes`` list<float32> (flattened xyxy in resized pixels), ``labels`` list<int32>,
+``orig_width``/``orig_height`` int32, ``scale_x``/``scale_y`` float64, ``flipped`` bool, and for evaluation
+``iscrowd`` list<bool>. Training drops crowd boxes (never positives); evaluation keeps them.
+
+Epochs. Each pass over a dataset (``iter_batches`` on it, or on a Ray Train shard of it) is a new Ray Data
+execution. Training randomness is keyed on that execution index, the same one Ray's own
+``FileShuffleConfig(reseed_after_execution=True)`` and ``random()`` expression use: the Parquet file order is
+shuffled per execution, and each image's scale and flip come from ``image_rng(seed, execution, image_id)``.
+There is no global shuffle; :func:`iter_train_batches` adds a seeded local shuffle buffer and aspect-ratio
+grouping on the consuming worker. To resume mid-run with fresh randomness, build the dataset with a seed
+derived from the start epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+from ray.data import FileShuffleConfig
+from ray.data.context import DataContext
+from ray.data.extensions import ArrowVariableShapedTensorArray
+from torch import Tensor
+
+from pipeline.coco import DatasetError, load_coco, safe_join
+from pipeline.collate import collate
+from pipeline.decode import decode_image
+from pipeline.fetch import records_to_table
+from pipeline.manifest import manifest_uri, read_manifest
+from pipeline.storage import StorageConfig, exists, read_bytes, resolve
+from pipeline.transforms import AugmentConfig, Transformed, eval_transform, image_rng, train_transform
+
+_INPUT_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "labels", "iscrowd"]
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    """A dataset written by ``dhrcnn prepare``: Parquet files plus ``manifest.json`` under ``uri``."""
+
+    uri: str
+
+
+@dataclass(frozen=True)
+class CocoSource:
+    """A raw COCO dataset: instances JSON at ``annotations_uri``, image files under ``images_uri``."""
+
+    annotations_uri: str
+    images_uri: str
+
+
+Source = ParquetSource | CocoSource
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How the stream is built.
+
+    Attributes:
+        augment: resize and flip settings (evaluation uses ``augment.resize`` without flip).
+        seed: base seed of the per-execution file shuffle and per-image augmentation.
+        rows_per_task: rows per ``map_batches`` call (decode + transform); also the block size of a COCO source.
+        shuffle_files: shuffle Parquet files / COCO blocks per execution (training only).
+        drop_images_without_boxes: training only: skip images with no non-crowd box (detectron2 default).
+        fetch_threads: concurrent image GETs per task for a :class:`CocoSource`.
+        deterministic: keep Ray Data's output order fixed (``preserve_order``), so that a seed reproduces the
+            row order too, not only each image's scale and flip; costs some throughput.
+    """
+
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    rows_per_task: int = 16
+    shuffle_files: bool = True
+    drop_images_without_boxes: bool = False
+    fetch_threads: int = 8
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rows_per_task < 1:
+            raise ValueError(f"stream.rows_per_task: expected >= 1, got {self.rows_per_task}")
+        if self.fetch_threads < 1:
+            raise ValueError(f"stream.fetch_threads: expected >= 1, got {self.fetch_threads}")
+
+
+class BatchIterable(Protocol):
+    """Anything with Ray Data's ``iter_batches``: a ``Dataset`` or a Ray Train ``DataIterator`` shard."""
+
+    def iter_batches(self, **kwargs: Any) -> Iterable[Mapping[str, Any]]: ...
+
+
+class IncompleteDatasetError(DatasetError):
+    """A Parquet dataset without ``manifest.json``: ``prepare`` has not finished (or crashed)."""
+
+
+def train_dataset(source: Source, storage: StorageConfig, config: StreamConfig | None = None) -> ray.data.Dataset:
+    """The training stream: shuffled per execution, multi-scale resize and random flip, crowd boxes removed."""
+    config = config or StreamConfig()
+    return _transformed(_read(source, storage, config, shuffle=config.shuffle_files), config, train=True)
+
+
+def eval_dataset(source: Source, storage: StorageConfig, config: StreamConfig | None = None) -> ray.data.Dataset:
+    """The evaluation stream: every image once, resized to ``test_min_size``, no flip, crowd boxes kept
+    (with an ``iscrowd`` column) so that predictions can be scored and mapped back to original pixels."""
+    config = config or StreamConfig()
+    return _transformed(_read(source, storage, config, shuffle=False), config, train=False)
+
+
+def iter_train_batches(
+    data: BatchIterable,
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int = 0,
+    shuffle_buffer_size: int = 64,
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
+    """Yield ``collate``-d batches of ``batch_size`` images that share an orientation (w >= h, or w < h).
+
+    Rows pass through Ray Data's local shuffle buffer (seeded by ``(seed, epoch)``; give each Ray Train
+    worker its own ``seed``, e.g. ``base + world_rank``), then into one bucket per orientation, as mmdet's
+    ``AspectRatioBatchSampler`` and detectron2's ``AspectRatioGroupedDataset`` do. Partial buckets are
+    yielded at the end of the epoch unless ``drop_last``. ``data`` is a Dataset or the ``DataIterator`` from
+    ``ray.train.get_dataset_shard(name)``; call once per epoch. See :mod:`pipeline.collate` for the format.
+    """
+    shuffle_seed = int(np.random.SeedSequence([int(seed) % 2**63, int(epoch) % 2**63]).generate_state(1)[0])
+    rows = data.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer_size or None,
+        local_shuffle_seed=shuffle_seed if shuffle_buffer_size else None,
+    )
+    yield from _grouped(rows, batch_size, drop_last)
+
+
+def iter_eval_batches(
+    data: BatchIterable, *, batch_size: int, prefetch_batches: int = 2
+) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
+    """Yield every image of an evaluation stream once, ``collate``-d, grouped by orientation (less padding)."""
+    rows = data.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
+    yield from _grouped(rows, batch_size, drop_last=False)
+
+
+def _grouped(
+    chunks: Iterable[Mapping[str, Any]], batch_size: int, drop_last: bool
+) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    buckets: dict[bool, list[int]] = {True: [], False: []}
+    pending: dict[bool, list[Mapping[str, Any]]] = {True: [], False: []}
+    for chunk in chunks:
+        for i, image in enumerate(chunk["image"]):
+            wide = image.shape[1] >= image.shape[0]
+            buckets[wide].append(i)
+            pending[wide].append(chunk)
+            if len(buckets[wide]) == batch_size:
+                yield collate(_take(pending[wide], buckets[wide]))
+                buckets[wide], pending[wide] = [], []
+    if not drop_last:
+        for wide in (True, False):
+            if buckets[wide]:
+                yield collate(_take(pending[wide], buckets[wide]))
+
+
+def _take(chunks: list[Mapping[str, Any]], rows: list[int]) -> dict[str, list[Any]]:
+    """Columnar batch of ``chunks[k][column][rows[k]]`` for every column of the first chunk."""
+    return {name: [chunk[name][i] for chunk, i in zip(chunks, rows, strict=True)] for name in chunks[0]}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _transformed(ds: ray.data.Dataset, config: StreamConfig, *, train: bool) -> ray.data.Dataset:
+    out = ds.map_batches(
+        _transform_batch,
+        batch_size=config.rows_per_task,
+        batch_format="pyarrow",
+        num_cpus=1,  # whole CPUs: fractional ones oversubscribe small machines and starve the consumers
+        fn_kwargs={"train": train, "config": config},
+    )
+    if config.deterministic:
+        out.context.execution_options.preserve_order = True  # this dataset's own context, not the global one
+    return out
+
+
+def _read(source: Source, storage: StorageConfig, config: StreamConfig, *, shuffle: bool) -> ray.data.Dataset:
+    if isinstance(source, ParquetSource):
+        filesystem, paths = _manifest_shards(source.uri, storage)
+        return ray.data.read_parquet(
+            paths,
+            filesystem=filesystem,
+            shuffle=FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if shuffle else None,
+        ).select_columns(_INPUT_COLUMNS)
+    if isinstance(source, CocoSource):
+        return _read_coco(source, storage, config, shuffle=shuffle)
+    raise TypeError(f"source: expected ParquetSource or CocoSource, got {type(source).__name__}")
+
+
+def _manifest_shards(uri: str, storage: StorageConfig) -> tuple[Any, list[str]]:
+    """The filesystem and paths of the shards listed in ``uri``'s manifest (never unlisted files: those belong
+    to an unfinished or superseded ``prepare`` attempt)."""
+    if not exists(manifest_uri(uri), storage):
+        raise IncompleteDatasetError(
+            f"{uri}: no manifest.json, so the dataset is incomplete (`dhrcnn prepare` has not finished, or "
+            "crashed; the manifest is written last). Rerun `dhrcnn prepare` with this --out."
+        )
+    shard_uris = read_manifest(uri, storage).shard_uris(uri)
+    if not shard_uris:
+        raise DatasetError(f"{manifest_uri(uri)}: the manifest lists no shards")
+    filesystem, _ = resolve(shard_uris[0], storage)
+    return filesystem, [resolve(u, storage)[1] for u in shard_uris]
+
+
+def _read_coco(source: CocoSource, storage: StorageConfig, config: StreamConfig, *, shuffle: bool) -> ray.data.Dataset:
+    """Records on the driver (annotations only), in blocks of ``rows_per_task``; bytes fetched in tasks."""
+    table = records_to_table(load_coco(source.annotations_uri, storage).records)
+    n_blocks = max(1, math.ceil(table.num_rows / config.rows_per_task))
+    bounds = np.linspace(0, table.num_rows, n_blocks + 1).astype(int)
+    ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])
+    if shuffle:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+    return ds.map_batches(
+        _fetch_images,
+        batch_size=config.rows_per_task,
+        batch_format="pyarrow",
+        num_cpus=1,
+        fn_kwargs={"images_uri": source.images_uri, "storage": storage, "threads": config.fetch_threads},
+    )
+
+
+def _fetch_images(table: pa.Table, *, images_uri: str, storage: StorageConfig, threads: int) -> pa.Table:
+    """Add the ``image`` binary column: the encoded bytes of each row's file, ``threads`` GETs in flight."""
+    filesystem, _ = resolve(images_uri, storage)
+    uris = [safe_join(images_uri, name) for name in table.column("file_name").to_pylist()]
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(uris)))) as pool:
+        blobs = list(pool.map(lambda uri: read_bytes(uri, storage, filesystem=filesystem), uris))
+    return table.append_column("image", pa.array(blobs, pa.binary()))
+
+
+# --------------------------------------------------------------------------------------------- transform
+
+
+def _transform_batch(table: pa.Table, *, train: bool, config: StreamConfig) -> pa.Table:
+    """The ``map_batches`` UDF: :func:`transform_table` keyed on the current execution (epoch)."""
+    return transform_table(table, train=train, config=config, epoch=_execution_index() if train else 0)
+
+
+def transform_table(table: pa.Table, *, train: bool, config: StreamConfig, epoch: int = 0) -> pa.Table:
+    """Decode, check and transform every row of ``table`` (columns of ``prepare``'s Parquet: ``image_id``,
+    ``file_name``, ``width``, ``height``, ``image``, ``boxes``, ``labels``, ``iscrowd``) into the stream schema
+    of the module docstring. Training: crowd boxes removed, scale and flip from ``image_rng(config.seed, epoch,
+    image_id)``. Evaluation: ``test_min_size`` resize, no flip, ``iscrowd`` kept.
+
+    Raises:
+        pipeline.decode.ImageDecodeError, pipeline.decode.ImageSizeMismatchError: naming the image.
+    """
+    ids = table.column("image_id").to_numpy()
+    names = table.column("file_name").to_pylist()
+    widths = table.column("width").to_numpy()
+    heights = table.column("height").to_numpy()
+    blobs = table.column("image").to_pylist()
+    all_boxes = _ragged(table, "boxes", np.float32)
+    all_labels = _ragged(table, "labels", np.int32)
+    all_crowd = _ragged(table, "iscrowd", np.bool_)
+
+    kept: list[int] = []
+    kept_labels: list[np.ndarray] = []
+    kept_crowd: list[np.ndarray] = []
+    results: list[Transformed] = []
+    for i, image_id in enumerate(ids):
+        boxes, labels, crowd = all_boxes[i].reshape(-1, 4), all_labels[i], all_crowd[i]
+        if train:
+            boxes, labels, crowd = boxes[~crowd], labels[~crowd], crowd[~crowd]
+            if config.drop_images_without_boxes and len(boxes) == 0:
+                continue
+        size = (int(widths[i]), int(heights[i]))
+        pixels = decode_image(blobs[i], image_id=int(image_id), file_name=names[i], expected_size=size)
+        if train:
+            rng = image_rng(config.seed, epoch, int(image_id))
+            results.append(train_transform(pixels, boxes, config.augment, rng))
+        else:
+            results.append(eval_transform(pixels, boxes, config.augment.resize))
+        kept.append(i)
+        kept_labels.append(labels)
+        kept_crowd.append(crowd)
+
+    columns: dict[str, pa.Array] = {
+        "image_id": pa.array(ids[kept], pa.int64()),
+        "image": _images_array([r.image for r in results]),
+        "boxes": _list_array([r.boxes.reshape(-1) for r in results], pa.float32()),
+        "labels": _list_array(kept_labels, pa.int32()),
+        "orig_width": pa.array(widths[kept], pa.int32()),
+        "orig_height": pa.array(heights[kept], pa.int32()),
+        "scale_x": pa.array([r.scale_factor[0] for r in results], pa.float64()),
+        "scale_y": pa.array([r.scale_factor[1] for r in results], pa.float64()),
+        "flipped": pa.array([r.flipped for r in results], pa.bool_()),
+    }
+    if not train:
+        columns["iscrowd"] = _list_array(kept_crowd, pa.bool_())
+    return pa.table(columns)
+
+
+def _execution_index() -> int:
+    """Index of the current Ray Data execution of this dataset (0, 1, ... per full pass), read from the
+    DataContext that Ray ships with every task: the key of the per-epoch augmentation seeds."""
+    return int(DataContext.get_current()._execution_idx)
+
+
+def _ragged(table: pa.Table, name: str, dtype: type) -> list[np.ndarray]:
+    """Zero-copy per-row numpy views of a list<...> column (nulls read as empty)."""
+    column = table.column(name).combine_chunks()
+    if isinstance(column, pa.ChunkedArray):  # a column with no chunks
+        column = pa.array([], column.type)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    offsets = column.offsets.to_numpy()
+    base = int(offsets[0]) if len(offsets) else 0
+    return [values[int(a) - base : int(b) - base] for a, b in itertools.pairwise(offsets)]
+
+
+def _list_array(rows: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list<value_type> array from per-row 1-D numpy arrays."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    dtype = value_type.to_pandas_dtype()
+    values = np.concatenate([np.asarray(r, dtype=dtype) for r in rows]) if rows else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def _images_array(images: list[np.ndarray]) -> pa.Array:
+    """Variable-shaped uint8 ``[h, w, 3]`` tensor column (an explicit type, even for equal shapes)."""
+    if not images:
+        return ArrowVariableShapedTensorArray.from_numpy(np.empty((0,), dtype=object))
+    arr = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        arr[i] = image
+    return ArrowVariableShapedTensorArray.from_numpy(arr)
