@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         {"source": str(args.checkpoint), "format_source": "mmdet", "class_names": classes},
     )
     n = sum(p.numel() for p in model.parameters())
-    print(
-        f"imported {args.checkpoint}: ResNet-{cfg.backbone.depth}, {cfg.num_classes} classes, {n:,} parameters -> {args.out}"
-    )
+    depth, k = cfg.backbone.depth, cfg.num_classes
+    print(f"imported {args.checkpoint}: ResNet-{depth}, {k} classes, {n:,} parameters -> {args.out}")
     return 0

@@ -1,0 +1,37 @@
+"""``dhrcnn quickstart [--workdir DIR] [--s3]``: the whole path on embedded defaults, nothing to set up."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="dhrcnn_quickstart", help="where data, runs and pictures go")
+    parser.add_argument("--s3", action="store_true", help="go through a local S3 server (moto) instead of files")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the cwd)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.quickstart import run_quickstart
+    from pipeline.storage import StorageConfig
+
+    storage = StorageConfig()
+    workdir = args.workdir
+    server = None
+    if args.s3:
+        from jobs.local_s3 import export_env, start_local_s3
+
+        server = start_local_s3()
+        export_env(server)  # before Ray starts: its workers inherit the environment
+        workdir = f"{server.create_bucket('dhrcnn-quickstart')}/{args.workdir}"
+        storage = server.storage_config
+    try:
+        result = run_quickstart(workdir, storage, args.tracking_uri)
+    finally:
+        if server is not None:
+            server.stop()
+    print(f"box AP (synthetic val): {result.ap:.3f}")
+    print(f"MLflow run:   {result.run_uri}")
+    print(f"model:        {result.model_uri}")
+    print(f"predictions:  {result.picture}")
+    return 0

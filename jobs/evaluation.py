@@ -1,0 +1,99 @@
+"""Evaluation during training: inference sharded across workers, detections gathered, COCOeval on rank 0,
+the numbers broadcast back so every rank reports the same metrics; plots and a picture logged to MLflow."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from jobs.coco_eval import evaluate_coco
+from jobs.config import JobConfig
+from jobs.eval_plots import draw_detections_grid, per_class_table, plot_pr_curves
+from jobs.inference import predict_coco
+from pipeline.categories import CategoryMap
+from pipeline.stream import iter_eval_batches
+
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class Evaluator:
+    """``run(model, shard, step) -> {"val/AP": ..., ...}`` on every rank (collective: all ranks call it)."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        categories: CategoryMap,
+        coco_gt_ref,
+        tracker,
+        *,
+        rank: int,
+        device,
+        amp,
+        picture_path: str | None = None,
+    ):
+        self.job, self.categories, self.coco_gt_ref, self.tracker = job, categories, coco_gt_ref, tracker
+        self.rank, self.device, self.amp, self.picture_path = rank, device, amp, picture_path
+
+    def due(self, epoch: int) -> bool:
+        every = self.job.train.eval_every_epochs
+        has_val = self.job.data.val is not None
+        return has_val and every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == self.job.train.epochs)
+
+    def run(self, model: torch.nn.Module, shard, step: int) -> dict[str, float]:
+        module = getattr(model, "module", model)  # never the DDP wrapper: shards differ in length
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        limit = self.job.train.eval_max_images
+        samples: list[tuple] = []
+        detections, image_ids = predict_coco(
+            module,
+            iter_eval_batches(shard, batch_size=self.job.data.eval_batch_size),
+            self.categories,
+            self.device,
+            max_images=None if limit is None else math.ceil(limit / world),
+            amp_dtype=self.amp,
+            samples=samples if self.rank == 0 else None,
+        )
+        gathered: list[Any] = [None] * world
+        if world > 1:
+            dist.all_gather_object(gathered, (detections, image_ids))
+        else:
+            gathered = [(detections, image_ids)]
+        stats: list[Any] = [None]
+        if self.rank == 0:
+            all_dets = [d for dets, _ in gathered for d in dets]
+            all_ids = sorted({i for _, ids in gathered for i in ids})
+            stats[0] = self._score_and_log(all_dets, all_ids, samples, step)
+        if world > 1:
+            dist.broadcast_object_list(stats, src=0)
+        return stats[0]
+
+    def _score_and_log(self, detections: list[dict], image_ids: list[int], samples: list[tuple], step: int) -> dict:
+        gt = ray.get(self.coco_gt_ref) if isinstance(self.coco_gt_ref, ray.ObjectRef) else self.coco_gt_ref
+        metrics = evaluate_coco(gt, detections, image_ids=image_ids, class_names=list(self.categories.names))
+        out = {f"val/{k}": float(metrics.stats[k]) for k in METRIC_KEYS}
+        self.tracker.log_metrics(out, step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            plot_pr_curves(metrics, str(tmp_path / "pr_curve.png"))
+            (tmp_path / "per_class_ap.md").write_text(per_class_table(metrics))
+            draw_detections_grid(
+                [s[0] for s in samples],
+                [s[1] for s in samples],
+                [s[2] for s in samples],
+                list(self.categories.names),
+                str(tmp_path / "val_predictions.png"),
+            )
+            for name in ("pr_curve.png", "per_class_ap.md", "val_predictions.png"):
+                self.tracker.log_artifact(str(tmp_path / name), f"eval/step_{step:07d}")
+            if self.picture_path:  # a local copy of the latest picture (the quickstart prints its path)
+                Path(self.picture_path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(tmp_path / "val_predictions.png", self.picture_path)
+        print(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in METRIC_KEYS))
+        return out

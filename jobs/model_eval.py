@@ -1,0 +1,71 @@
+"""Score a trained model on a dataset: a registered/logged MLflow model or a model file, over the same
+evaluation stream and COCOeval as training (``dhrcnn evaluate --model ... --data ...``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.coco_eval import CocoMetrics, evaluate_coco
+from jobs.config import DatasetSpec
+from jobs.datasets import dataset_info, source_of
+from jobs.inference import predict_coco
+from pipeline.categories import CategoryMap
+from pipeline.storage import StorageConfig
+from pipeline.stream import StreamConfig, eval_dataset, iter_eval_batches
+from pipeline.transforms import AugmentConfig, ResizeConfig
+
+
+@dataclass(frozen=True)
+class LoadedDetector:
+    """A torch detector (eval mode), the evaluation resize it was trained with, and its category map
+    (``None`` for model files without one: the dataset's map is used, label k = k-th category by id)."""
+
+    model: torch.nn.Module
+    resize: ResizeConfig
+    categories: CategoryMap | None
+
+
+def load_for_eval(model_uri: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedDetector:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` (our pyfunc), or a model file
+    written by ``dhrcnn import-mmdet`` / :func:`model.checkpoint.save_model`."""
+    if Path(model_uri).is_file():
+        from model.checkpoint import load_model
+
+        model, _, meta = load_model(model_uri, map_location=device)
+        resize = ResizeConfig(**meta["resize"]) if "resize" in meta else ResizeConfig()
+        return LoadedDetector(model, resize, None)
+    from jobs.pyfunc_model import load_detector, torch_detector
+
+    inner = torch_detector(load_detector(model_uri, tracking_uri=tracking_uri, device=device))
+    return LoadedDetector(inner.detector, inner.resize, inner.categories)
+
+
+def evaluate_model(
+    detector: LoadedDetector,
+    data: DatasetSpec,
+    storage: StorageConfig,
+    *,
+    batch_size: int = 4,
+    max_images: int | None = None,
+    device: str = "cpu",
+) -> tuple[CocoMetrics, list[dict[str, Any]]]:
+    """COCO metrics and the detections (COCO results, original pixels) of ``detector`` on ``data``."""
+    info = dataset_info(data, storage)
+    categories = detector.categories or info.categories
+    unknown = sorted(set(categories.category_ids) - set(info.categories.category_ids))
+    if unknown:
+        raise ValueError(
+            f"the model predicts category ids {unknown[:5]} that the dataset does not define "
+            f"({list(info.categories.category_ids)[:10]}...): evaluate it on a dataset with its categories"
+        )
+    stream = StreamConfig(augment=AugmentConfig(resize=detector.resize), shuffle_files=False)
+    batches = iter_eval_batches(eval_dataset(source_of(data), storage, stream), batch_size=batch_size)
+    detections, image_ids = predict_coco(
+        detector.model, batches, categories, torch.device(device), max_images=max_images
+    )
+    metrics = evaluate_coco(info.coco_gt, detections, image_ids=sorted(set(image_ids)))
+    return metrics, detections

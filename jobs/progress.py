@@ -1,0 +1,72 @@
+"""Step timing and progress lines: images/s, the fraction of time spent waiting for data, loss terms, LR, ETA.
+
+Only rank 0 prints; Ray forwards the worker's stdout to the driver's console, prefixed with the worker id.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import torch
+
+from jobs.checkpoint import Progress
+from jobs.config import TrainConfig
+
+
+class StepMeter:
+    """``start_epoch`` / ``data_ready`` (the batch arrived) / ``step`` (the step finished) -> metrics every
+    ``log_every_iters`` iterations (averages over the interval), else ``{}``."""
+
+    def __init__(self, cfg: TrainConfig, iters_per_epoch: int, total_batch: int, enabled: bool = True) -> None:
+        self.cfg, self.iters_per_epoch, self.total_batch, self.enabled = cfg, iters_per_epoch, total_batch, enabled
+        self.total_iters = cfg.epochs * iters_per_epoch
+        self._reset()
+        self._last = time.perf_counter()
+        self.epoch = 0
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.wait = 0.0
+        self.busy = 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._last = time.perf_counter()
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.wait += now - self._last
+        self._last = now
+
+    def step(
+        self, losses: dict[str, torch.Tensor], total: torch.Tensor, lr: float, progress: Progress, device: torch.device
+    ) -> dict[str, float]:
+        now = time.perf_counter()
+        self.busy += now - self._last
+        self._last = now
+        self.count += 1
+        for key, value in {**losses, "loss": total}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        if progress.iteration % self.cfg.log_every_iters and progress.iteration != self.total_iters:
+            return {}
+        elapsed = self.wait + self.busy
+        metrics = {f"train/{k}": v / self.count for k, v in self.sums.items()}
+        metrics["train/lr"] = lr
+        metrics["train/images_per_s"] = self.count * self.total_batch / max(elapsed, 1e-9)
+        metrics["train/data_wait_fraction"] = self.wait / max(elapsed, 1e-9)
+        metrics["train/skipped_nan_steps"] = float(progress.skipped_nan_steps)
+        if device.type == "cuda":
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if self.enabled:
+            remaining = (self.total_iters - progress.iteration) * elapsed / self.count
+            print(
+                f"epoch {self.epoch + 1}/{self.cfg.epochs} iter {progress.iteration}/{self.total_iters} "
+                f"loss {metrics['train/loss']:.4f} lr {lr:.5f} {metrics['train/images_per_s']:.1f} img/s "
+                f"data-wait {100 * metrics['train/data_wait_fraction']:.0f}% "
+                f"ETA {datetime.timedelta(seconds=round(remaining))}",
+                flush=True,
+            )
+        self._reset()
+        return metrics

@@ -1,0 +1,150 @@
+"""The training job on the driver: datasets, MLflow run, Ray Train ``TorchTrainer`` (Train V2), results.
+
+Starting a job again with the same ``run.name`` and ``run.storage_path`` resumes it from its latest
+checkpoint (Ray Train V2 restores from the run's storage) and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from jobs.config import JobConfig
+from jobs.datasets import dataset_info, source_of
+from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_tags
+from jobs.train_loop import num_iters_per_epoch, train_worker
+from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
+from pipeline.stream import StreamConfig, eval_dataset, train_dataset
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    run_id: str
+
+
+class SplitDataConfig(DataConfig):
+    """``train`` split equally (DDP needs the same step count on every rank); ``val`` split unequally so
+    that every evaluation image is scored exactly once (``equal=True`` would drop the remainder)."""
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=["train"])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        train_only = {k: v for k, v in datasets.items() if k != "val"}
+        output = super().configure(train_only, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self._resolve_execution_options("val")
+            for i, split in enumerate(val.streaming_split(world_size, equal=False)):
+                output[i]["val"] = split
+        return output
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS`` if set (a cluster, or a job submitted to one); else start a local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_training(
+    job: JobConfig, *, threads_per_worker: int | None = None, picture_path: str | None = None
+) -> TrainResult:
+    """Run (or resume) ``job`` to completion on the current Ray cluster. ``picture_path``: also write the
+    latest validation picture there (a path on the node of worker 0, e.g. for a local run)."""
+    storage = job.data.storage
+    train_info = dataset_info(job.data.train, storage)
+    val_info = dataset_info(job.data.val, storage) if job.data.val is not None else None
+    stream = StreamConfig(augment=job.data.augment, seed=job.train.seed, rows_per_task=job.data.rows_per_task)
+    datasets = {"train": train_dataset(source_of(job.data.train), storage, stream)}
+    if job.data.val is not None:
+        datasets["val"] = eval_dataset(source_of(job.data.val), storage, stream)
+
+    job = replace(job, tracking=ensure_tracking_store(job.tracking))  # absolute URI for the workers
+    run_dir = join(job.run.storage_path, job.run.name)
+    run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint)
+    iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
+    loop_config: dict[str, Any] = {
+        "job": job,
+        "mlflow_run_id": run_id,
+        "categories": train_info.categories.to_dict(),
+        "iters_per_epoch": iters,
+        "coco_gt_ref": ray.put(val_info.coco_gt) if val_info is not None else None,
+        "fail_marker": os.path.abspath(os.path.join(_local_dir(run_dir), ".fail_at_iter.done")),
+    }
+    if picture_path:
+        loop_config["picture_path"] = os.path.abspath(picture_path)
+    if threads_per_worker:
+        loop_config["threads_per_worker"] = threads_per_worker
+    filesystem, storage_path = _run_storage(job.run.storage_path, storage)
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if job.scaling.use_gpu:
+        resources["GPU"] = job.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.train.keep_best, checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=SplitDataConfig(),
+    )
+    print(
+        f"training {job.run.name}: {train_info.num_images} images, {train_info.categories.num_classes} classes, "
+        f"{job.scaling.num_workers} workers x {job.data.batch_size} images, {iters} iterations/epoch, "
+        f"{job.train.epochs} epochs; MLflow run {run_id}",
+        flush=True,
+    )
+    result = trainer.fit()
+    path = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(dict(result.metrics or {}), path, run_id)
+
+
+def job_run_id(tracking: TrackingConfig, run_dir: str, storage: StorageConfig, job: JobConfig, fingerprint: str) -> str:
+    """The job's MLflow run: created (params, config, tags) on the first start, its id kept next to the Ray
+    Train run so that a restarted job and recovered workers continue the same run."""
+    marker = join(run_dir, "mlflow_run_id")
+    if exists(marker, storage):
+        return read_bytes(marker, storage).decode().strip()
+    tracker = Tracker(replace(tracking, run_name=tracking.run_name or job.run.name))
+    run_id = tracker.start(None)
+    tracker.log_config(job.to_dict())
+    tracker.set_tags(run_tags(fingerprint, {"job_name": job.run.name, "storage_path": job.run.storage_path}))
+    _local_dir(run_dir)
+    write_bytes(marker, run_id.encode(), storage)
+    return run_id
+
+
+def _run_storage(storage_path: str, storage):
+    """Ray Train's ``storage_path``/``storage_filesystem`` for local paths or ``s3://`` (custom endpoints too)."""
+    if storage_path.startswith("s3://"):
+        filesystem, path = resolve(storage_path, storage)
+        return filesystem, path
+    return None, os.path.abspath(storage_path)
+
+
+def _local_dir(run_dir: str) -> str:
+    path = run_dir if not run_dir.startswith("s3://") else os.path.join(".dhrcnn", run_dir.removeprefix("s3://"))
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,127 @@
+"""The training job on Ray Train (2 CPU cores): resume after a stop, recovery from a killed worker, NaN
+handling, and one MLflow run per job. Small synthetic data, the ``tiny`` detector, short schedules."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import ray
+
+from jobs.config import JobConfig, resolve_job_config
+from jobs.schedule import lr_factor, scaled_lr
+from jobs.train import run_training
+from jobs.train_loop import NonFiniteLossError
+from pipeline.prepare import PrepareOptions, prepare_coco
+from pipeline.synth import SynthConfig, write_synth
+
+pytestmark = pytest.mark.timeout(900)
+NUM_TRAIN = 24  # 30 synthetic images, 20 % to val
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("data")
+    write_synth(str(root / "synth"), SynthConfig(num_images=30, seed=3, val_fraction=0.2, size=(128, 96)))
+    for split in ("train", "val"):
+        prepare_coco(
+            str(root / "synth" / "annotations" / f"instances_{split}.json"),
+            str(root / "synth" / "images" / split),
+            str(root / "parquet" / split),
+            PrepareOptions(rows_per_shard=8),
+        )
+    return root
+
+
+def make_job(dataset, tmp_path, name: str, **train) -> JobConfig:
+    raw = {
+        "model": {"preset": "tiny", "num_classes": 3},
+        "data": {
+            "train": {"parquet": str(dataset / "parquet" / "train")},
+            "val": {"parquet": str(dataset / "parquet" / "val")},
+            "batch_size": 2,
+            "augment": {"resize": {"train_min_sizes": [96], "test_min_size": 96, "max_size": 128}},
+        },
+        "train": {
+            "epochs": 2,
+            "base_lr": 0.04,
+            "warmup_iters": 4,
+            "steps": [2],
+            "grad_clip_norm": 10.0,
+            "log_every_iters": 1,
+            "checkpoint_every_iters": 4,
+            **train,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": None},
+        "run": {"name": name, "storage_path": str(tmp_path / "runs"), "max_failures": 0},
+    }
+    return resolve_job_config(raw)
+
+
+def mlflow_runs(job: JobConfig):
+    client = mlflow.MlflowClient(job.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(job.tracking.experiment_name)
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_resume_continues_at_checkpoint_iteration_with_scheduled_lr(dataset, tmp_path):
+    job = make_job(dataset, tmp_path, "resume", fail_at_iter=5)  # dies after the checkpoint at iteration 4
+    with pytest.raises(Exception):  # noqa: B017 - the worker's os._exit surfaces as a Ray Train error
+        run_training(job)
+    client, runs = mlflow_runs(job)
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    logged_before = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    assert max(logged_before) == 5  # iterations 1..5 logged, 5 never checkpointed
+
+    result = run_training(make_job(dataset, tmp_path, "resume"))  # same name and storage: resumes
+    _, runs = mlflow_runs(job)
+    assert len(runs) == 1 and result.run_id == run_id
+    iters_per_epoch = NUM_TRAIN // 2
+    assert result.metrics["iteration"] == 2 * iters_per_epoch
+    history = client.get_metric_history(run_id, "train/lr")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), "a resumed run must not log a step twice"
+    base = scaled_lr(job.train, total_batch_size=2)
+    for m in history:
+        assert m.value == pytest.approx(base * lr_factor(m.step, job.train, iters_per_epoch), rel=1e-6), m.step
+
+
+def test_nan_steps_are_skipped_and_counted(dataset, tmp_path):
+    job = make_job(dataset, tmp_path, "nan-skip", epochs=1, nan_at_iters=[2, 3])
+    result = run_training(job)
+    assert result.metrics["train/skipped_nan_steps"] == 2.0
+    assert result.metrics["iteration"] == NUM_TRAIN // 2
+
+
+def test_consecutive_nans_stop_the_job_and_keep_the_checkpoint(dataset, tmp_path):
+    job = make_job(dataset, tmp_path, "nan-stop", epochs=1, nan_at_iters=[4, 5, 6], max_consecutive_nan=2)
+    with pytest.raises(Exception, match="consecutive non-finite losses") as err:
+        run_training(job)
+    assert isinstance(err.value, NonFiniteLossError) or "NonFiniteLossError" in str(err.value)
+    checkpoints = list((tmp_path / "runs" / "nan-stop").glob("checkpoint_*"))
+    assert checkpoints, "the last good checkpoint (iteration 4) must be kept"
+
+
+def test_killed_worker_recovers_and_matches_uninterrupted_run(dataset, tmp_path):
+    common = {"epochs": 2, "seed": 7}
+    scaling = {"num_workers": 2, "cpus_per_worker": 0.5}
+    clean = make_job(dataset, tmp_path / "a", "clean", **common)
+    clean = resolve_job_config({**clean.to_dict(), "scaling": scaling, "run": {**clean.to_dict()["run"]}})
+    faulty = make_job(dataset, tmp_path / "b", "faulty", fail_at_iter=4, **common)
+    faulty = resolve_job_config({**faulty.to_dict(), "scaling": scaling, "run": {**faulty.to_dict()["run"], "max_failures": 1}})
+    ref = run_training(clean)
+    got = run_training(faulty)
+    _, runs = mlflow_runs(faulty)
+    assert len(runs) == 1
+    assert got.metrics["iteration"] == ref.metrics["iteration"] == 2 * (NUM_TRAIN // 2 // 2)
+    # the restart resumes at the checkpoint of iteration 4, with other augmentation draws: close, not equal
+    assert got.metrics["train/loss"] == pytest.approx(ref.metrics["train/loss"], rel=0.5)
+    assert got.metrics["val/AP"] == pytest.approx(ref.metrics["val/AP"], abs=0.1)
