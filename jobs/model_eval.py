@@ -38,9 +38,9 @@ def load_for_eval(model_uri: str, tracking_uri: str | None = None, device: str =
         model, _, meta = load_model(model_uri, map_location=device)
         resize = ResizeConfig(**meta["resize"]) if "resize" in meta else ResizeConfig()
         return LoadedDetector(model, resize, None)
-    from jobs.pyfunc_model import load_detector, torch_detector
+    from jobs.pyfunc_model import load_detector, unwrap
 
-    inner = torch_detector(load_detector(model_uri, tracking_uri=tracking_uri, device=device))
+    inner = unwrap(load_detector(model_uri, tracking_uri=tracking_uri, device=device))
     return LoadedDetector(inner.detector, inner.resize, inner.categories)
 
 

@@ -116,7 +116,9 @@ def test_killed_worker_recovers_and_matches_uninterrupted_run(dataset, tmp_path)
     clean = make_job(dataset, tmp_path / "a", "clean", **common)
     clean = resolve_job_config({**clean.to_dict(), "scaling": scaling, "run": {**clean.to_dict()["run"]}})
     faulty = make_job(dataset, tmp_path / "b", "faulty", fail_at_iter=4, **common)
-    faulty = resolve_job_config({**faulty.to_dict(), "scaling": scaling, "run": {**faulty.to_dict()["run"], "max_failures": 1}})
+    faulty = resolve_job_config(
+        {**faulty.to_dict(), "scaling": scaling, "run": {**faulty.to_dict()["run"], "max_failures": 1}}
+    )
     ref = run_training(clean)
     got = run_training(faulty)
     _, runs = mlflow_runs(faulty)
@@ -125,3 +127,27 @@ def test_killed_worker_recovers_and_matches_uninterrupted_run(dataset, tmp_path)
     # the restart resumes at the checkpoint of iteration 4, with other augmentation draws: close, not equal
     assert got.metrics["train/loss"] == pytest.approx(ref.metrics["train/loss"], rel=0.5)
     assert got.metrics["val/AP"] == pytest.approx(ref.metrics["val/AP"], abs=0.1)
+
+
+def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path, monkeypatch):
+    from jobs.config import DatasetSpec
+    from jobs.model_eval import evaluate_model, load_for_eval
+    from pipeline.storage import StorageConfig
+
+    job = make_job(dataset, tmp_path, "registered", epochs=1)
+    job = resolve_job_config(
+        {**job.to_dict(), "tracking": {**job.to_dict()["tracking"], "registered_model_name": "dh-test"}}
+    )
+    result = run_training(job)
+    assert result.metrics["model_uri"] == "models:/dh-test/1"
+    client = mlflow.MlflowClient(job.tracking.tracking_uri)
+    assert str(client.get_model_version_by_alias("dh-test", "champion").version) == "1"
+    run = client.get_run(result.run_id)
+    assert "val/AP" in run.data.metrics and "data.storage.secret_access_key" not in run.data.params
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
+    assert artifacts, "evaluation plots are logged"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking.tracking_uri)
+    detector = load_for_eval("models:/dh-test@champion")
+    metrics, _ = evaluate_model(detector, DatasetSpec(parquet=str(dataset / "parquet" / "val")), StorageConfig())
+    assert metrics.stats["AP"] == pytest.approx(result.metrics["val/AP"], abs=1e-9)

@@ -1,0 +1,202 @@
+"""Model registry operations behind ``dhrcnn models list / promote / pull``.
+
+Every function takes an optional ``tracking_uri`` (``None``: ``MLFLOW_TRACKING_URI``, else the local
+``sqlite:///<cwd>/mlflow.db``), checks that a tracking server answers (bounded, seconds) and turns MLflow's
+errors into :class:`RegistryError` messages that say what exists: the registered names, a model's aliases, its
+versions. :func:`pull` accepts only pyfuncs written by :func:`jobs.pyfunc_model.log_detector`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.tracking import TrackingError, check_reachable, redact_url, resolve_tracking_uri
+
+FORMAT = "dhrcnn-pyfunc/1"  # the detector pyfunc's marker: MLmodel metadata.dhrcnn_format, detector.json format
+
+
+class RegistryError(TrackingError):
+    """A registry request cannot be served; the message names what was asked for and what exists."""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One registered model version.
+
+    Attributes:
+        name: registered model name.
+        version: version number as a string.
+        aliases: aliases pointing at this version (e.g. ``("champion",)``).
+        ap: the version's ``AP`` tag (box AP on the training run's val split), ``None`` if absent.
+        run_id: the training run.
+        source: the logged model's URI (``models:/m-...``) or artifact location.
+        created_ms: creation time, milliseconds since the epoch.
+    """
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    ap: float | None
+    run_id: str | None
+    source: str
+    created_ms: int
+
+
+def _client(tracking_uri: str | None) -> tuple[Any, str]:
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise RegistryError(
+            f"no MLflow database at {uri[len('sqlite:///') :]}: run a training job first, or point "
+            "MLFLOW_TRACKING_URI / --tracking-uri at the store holding the models"
+        )
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _row(version: Any, aliases: tuple[str, ...]) -> ModelRow:
+    ap = version.tags.get("AP")
+    return ModelRow(
+        name=version.name,
+        version=str(version.version),
+        aliases=aliases,
+        ap=float(ap) if ap is not None else None,
+        run_id=version.run_id or None,
+        source=str(version.source),
+        created_ms=int(version.creation_timestamp or 0),
+    )
+
+
+def _registered_model(client: Any, name: str, uri: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"{redact_url(uri)}: {err.message}") from err
+        names = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(
+            f"no registered model {name!r} in {redact_url(uri)} (registered: {', '.join(names) or 'none'})"
+        ) from err
+
+
+def list_models(name: str | None = None, tracking_uri: str | None = None) -> list[ModelRow]:
+    """All versions of registered model ``name`` (or of every registered model), newest first per name."""
+    client, uri = _client(tracking_uri)
+    models = [_registered_model(client, name, uri)] if name else list(client.search_registered_models())
+    rows: list[ModelRow] = []
+    for registered in sorted(models, key=lambda m: m.name):
+        alias_of: dict[str, list[str]] = {}
+        for alias, version in (registered.aliases or {}).items():
+            alias_of.setdefault(str(version), []).append(alias)
+        quoted = registered.name.replace("'", "\\'")
+        versions = client.search_model_versions(f"name = '{quoted}'")
+        for version in sorted(versions, key=lambda v: -int(v.version)):
+            rows.append(_row(version, tuple(sorted(alias_of.get(str(version.version), [])))))
+    return rows
+
+
+def promote(name: str, version: str | int, alias: str = "champion", tracking_uri: str | None = None) -> ModelRow:
+    """Point ``alias`` of registered model ``name`` at ``version`` (moving it from wherever it was)."""
+    from mlflow.exceptions import MlflowException
+
+    client, uri = _client(tracking_uri)
+    registered = _registered_model(client, name, uri)
+    try:
+        target = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        quoted = name.replace("'", "\\'")
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{quoted}'"))
+        raise RegistryError(
+            f"registered model {name!r} has no version {version} (versions: {', '.join(map(str, known)) or 'none'})"
+        ) from err
+    try:
+        client.set_registered_model_alias(name, alias, str(target.version))
+    except MlflowException as err:  # e.g. "latest" or "v3", reserved by MLflow
+        raise RegistryError(f"cannot set alias {alias!r} on {name!r}: {err.message}") from err
+    aliases = {a for a, v in (registered.aliases or {}).items() if str(v) == str(target.version)} | {alias}
+    return _row(target, tuple(sorted(aliases)))
+
+
+def resolve_artifact_uri(model_uri: str, tracking_uri: str | None = None) -> str:
+    """The artifact location behind ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/m-ID``
+    (other URIs, e.g. ``runs:/`` or a folder, are returned unchanged). Clear errors for unknown names,
+    aliases and versions."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    client, uri = _client(tracking_uri)
+    ref = model_uri[len("models:/") :].strip("/")
+    if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+        try:
+            return str(client.get_logged_model(ref).artifact_location)
+        except MlflowException as err:
+            raise RegistryError(f"no logged model {ref!r} in {redact_url(uri)}") from err
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        registered = _registered_model(client, name, uri)
+        aliases = registered.aliases or {}
+        if alias not in aliases:
+            known = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(f"registered model {name!r} has no alias {alias!r} (aliases: {known})")
+        version = str(aliases[alias])
+    else:
+        name, _, version = ref.rpartition("/")
+        if not name or not version.isdigit():
+            raise RegistryError(f"bad model URI {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        _registered_model(client, name, uri)
+    try:
+        return str(client.get_model_version_download_uri(name, version))
+    except MlflowException as err:
+        raise RegistryError(f"registered model {name!r} has no version {version}") from err
+
+
+def _check_flavor(mlmodel_path: Path, model_uri: str) -> None:
+    spec = yaml.safe_load(mlmodel_path.read_text()) or {}
+    flavors = spec.get("flavors") or {}
+    ours = (spec.get("metadata") or {}).get("dhrcnn_format") == FORMAT and "python_function" in flavors
+    if not ours:
+        raise RegistryError(
+            f"{model_uri} is not a Double-Head detector pyfunc (flavors: {', '.join(sorted(flavors)) or 'none'}; "
+            f"metadata.dhrcnn_format is not {FORMAT!r}). Pull models logged by `dhrcnn train`."
+        )
+
+
+def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download the detector pyfunc at ``model_uri`` into ``out_dir`` (created; must be empty) and return it.
+
+    The folder is a complete MLflow model: ``mlflow.pyfunc.load_model(out_dir)`` or
+    :func:`jobs.pyfunc_model.load_detector` predicts with it; ``artifacts/detector.json`` holds the label map,
+    preprocessing, metrics and training config. Raises :class:`RegistryError` for unknown names, aliases or
+    versions and for models of another flavour (checked on the ``MLmodel`` file before the weights download).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    artifact_uri = resolve_artifact_uri(model_uri, uri)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise RegistryError(f"{out} is not empty; pull into a new folder")
+    try:
+        repo = get_artifact_repository(artifact_uri, tracking_uri=uri, registry_uri=uri)
+        with tempfile.TemporaryDirectory(prefix="dhrcnn-pull-") as tmp:
+            try:
+                mlmodel = Path(repo.download_artifacts("MLmodel", dst_path=tmp))
+            except (MlflowException, OSError) as err:
+                raise RegistryError(f"{model_uri} ({artifact_uri}) holds no MLflow model (no MLmodel file)") from err
+            _check_flavor(mlmodel, model_uri)
+        out.mkdir(parents=True, exist_ok=True)
+        repo.download_artifacts("", dst_path=str(out))
+    except MlflowException as err:
+        raise RegistryError(f"cannot download {model_uri} from {redact_url(uri)}: {err.message}") from err
+    return out
