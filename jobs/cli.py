@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "synthetic data -> Parquet -> 2-worker CPU training -> evaluation -> registered model",
     ),
     "evaluate": ("evaluate", "COCO box AP (pycocotools) of a detections file against its annotations"),
+    "models": ("models", "the model registry: list versions, promote an alias, pull a ready predictor folder"),
+    "predict": ("predict", "batch inference with Ray Data over a folder or s3:// prefix: COCO JSON, Parquet, renders"),
 }
 
 

@@ -75,6 +75,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError("train.epochs: expected >= 1")
+        if self.log_every_iters < 1 or self.checkpoint_every_iters < 0 or self.keep_best < 1:
+            raise ConfigError("train: log_every_iters and keep_best must be >= 1, checkpoint_every_iters >= 0")
         if any(s < 1 for s in self.steps) or list(self.steps) != sorted(self.steps):
             raise ConfigError(f"train.steps: expected increasing epochs >= 1, got {list(self.steps)}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:

@@ -13,7 +13,7 @@ from pipeline.prepare import PrepareOptions, prepare_coco
 from pipeline.storage import StorageConfig, join
 from pipeline.synth import SynthConfig, write_synth
 
-SYNTH = {"num_images": 300, "seed": 0, "val_fraction": 0.2}
+SYNTH = {"num_images": 300, "seed": 0, "val_fraction": 0.2, "min_size": (192, 144), "max_size": (256, 192)}
 
 
 def quickstart_config(root: str, storage: StorageConfig, num_classes: int, tracking_uri: str | None) -> JobConfig:
@@ -25,7 +25,7 @@ def quickstart_config(root: str, storage: StorageConfig, num_classes: int, track
             "val": {"parquet": join(root, "parquet", "val")},
             "batch_size": 2,
             "eval_batch_size": 4,
-            "augment": {"resize": {"train_min_sizes": [192, 224, 256], "test_min_size": 224, "max_size": 352}},
+            "augment": {"resize": {"train_min_sizes": [144, 160, 176], "test_min_size": 160, "max_size": 256}},
             "storage": {"endpoint_url": storage.endpoint_url, "region": storage.region},
         },
         "train": {

@@ -1,0 +1,86 @@
+"""``dhrcnn models``: the MLflow model registry (see :mod:`jobs.registry`).
+
+    dhrcnn models list [NAME]                              versions, aliases, AP, run, creation time
+    dhrcnn models promote NAME VERSION --alias staging     point the alias at VERSION (moved from where it was)
+    dhrcnn models pull models:/NAME@ALIAS --out DIR        a ready predictor folder
+
+A pulled folder is a complete MLflow model: ``mlflow.pyfunc.load_model(DIR)`` predicts (images of any size in,
+boxes in original-image pixels and category names out), ``mlflow models serve -m DIR`` serves it, and
+``DIR/artifacts/detector.json`` holds its label map, preprocessing, metrics and training config.
+``--tracking-uri`` (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///./mlflow.db``) applies to every action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="registered versions: name, version, aliases, AP, run id, created")
+    listing.add_argument("name", nargs="?", default=None, help="one registered model (default: all)")
+    promote = actions.add_parser("promote", help="point an alias at a version")
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("version", help="version number")
+    promote.add_argument("--alias", default="champion", help="alias to set or move (default champion)")
+    pull = actions.add_parser("pull", help="download a model into a ready predictor folder")
+    pull.add_argument("model", metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    pull.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    for sub in (listing, promote, pull):
+        sub.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.tracking import TrackingError
+
+    try:
+        return {"list": _list, "promote": _promote, "pull": _pull}[args.action](args)
+    except TrackingError as err:  # RegistryError included: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    from jobs.registry import list_models
+
+    rows = list_models(args.name, tracking_uri=args.tracking_uri)
+    if not rows:
+        print("no registered models")
+        return 0
+    table = [("name", "version", "aliases", "AP", "run id", "created (UTC)")]
+    for r in rows:
+        created = datetime.fromtimestamp(r.created_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        ap = f"{r.ap:.4f}" if r.ap is not None else "-"
+        table.append((r.name, r.version, ",".join(r.aliases) or "-", ap, r.run_id or "-", created))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from jobs.registry import list_models, promote
+
+    before = [r.version for r in list_models(args.name, tracking_uri=args.tracking_uri) if args.alias in r.aliases]
+    row = promote(args.name, args.version, args.alias, tracking_uri=args.tracking_uri)
+    moved = f"moved from version {before[0]}" if before and before[0] != row.version else "set"
+    print(f"{args.name}@{args.alias} -> version {row.version} ({moved}; aliases now: {', '.join(row.aliases)})")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from jobs.registry import pull
+
+    folder = pull(args.model, Path(args.out), tracking_uri=args.tracking_uri)
+    spec = json.loads((folder / "artifacts" / "detector.json").read_text())
+    names = ", ".join(str(c["name"]) for c in spec.get("categories", {}).get("categories", []))
+    ap = spec.get("metrics", {}).get("val/AP", spec.get("metrics", {}).get("AP"))
+    print(f"pulled {args.model} into {folder}")
+    print(f"  classes: {names or '?'}; val AP: {ap if ap is not None else '-'}")
+    print(f"  label map, preprocessing, metrics, training config: {folder / 'artifacts' / 'detector.json'}")
+    print(f"  predict: mlflow.pyfunc.load_model({str(folder)!r}).predict(pd.DataFrame({{'image': [jpeg_bytes]}}))")
+    return 0
