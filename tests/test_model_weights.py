@@ -30,7 +30,7 @@ def test_imagenet_backbone_weights_from_local_file(tmp_path):
 
 def test_missing_backbone_weights_name_the_file(tmp_path):
     missing = tmp_path / "resnet50-0676ba61.pth"
-    with pytest.raises(FileNotFoundError, match="resnet50-0676ba61.pth.*Nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"resnet50-0676ba61\.pth.*Nothing is downloaded"):
         build_detector("dh_r50_fpn", 80, backbone={"weights": str(missing)})
 
 
@@ -51,7 +51,7 @@ def mmdet_checkpoint(tmp_path_factory):
 
 
 def test_infer_config_from_state_dict(mmdet_checkpoint):
-    path, fx = mmdet_checkpoint
+    path, _ = mmdet_checkpoint
     state, meta = load_mmdet_checkpoint(path)
     cfg = infer_config(state)
     assert (cfg.backbone.depth, cfg.fpn.out_channels, cfg.num_classes) == (18, 64, 3)
@@ -71,7 +71,7 @@ def test_import_mmdet_cli_roundtrip(mmdet_checkpoint, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "ResNet-18, 3 classes" in result.stdout
-    model, cfg, meta = load_model(out)
+    model, _, meta = load_model(out)
     assert meta["class_names"] == ["a", "b", "c"]
     model.roi_heads.score_thresh = 0.0  # the fixture's test_cfg
     with torch.no_grad():
@@ -80,9 +80,9 @@ def test_import_mmdet_cli_roundtrip(mmdet_checkpoint, tmp_path):
 
 
 def test_import_rejects_foreign_checkpoints(tmp_path):
-    with pytest.raises(MMDetImportError, match="roi_head.bbox_head"):
+    with pytest.raises(MMDetImportError, match=r"roi_head\.bbox_head"):
         convert_state_dict({"backbone.conv1.weight": torch.zeros(1)})
-    with pytest.raises(MMDetImportError, match="unexpected key 'head.fc.weight'"):
+    with pytest.raises(MMDetImportError, match=r"unexpected key 'head\.fc\.weight'"):
         convert_state_dict({"roi_head.bbox_head.fc_cls.weight": torch.zeros(2, 2), "head.fc.weight": torch.zeros(1)})
     bad = tmp_path / "pickled.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": {"obj": object.__new__(_Opaque)}}, bad)
