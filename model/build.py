@@ -65,6 +65,7 @@ def build_model(cfg: ModelConfig) -> DoubleHeadRCNN:
         output_size=h.roi_size,
         finest_scale=h.finest_scale,
         scale_factors=scales,
+        sampling_ratio=h.sampling_ratio,
     )
     roi_heads = DoubleHeadRoIHeads(
         pooler,

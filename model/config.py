@@ -84,6 +84,7 @@ class RoIHeadConfig:
 
     head: HeadKind = "double"
     roi_size: int = 7
+    sampling_ratio: int = 0  # RoIAlign samples per bin side; 0 = adaptive (mmdet, parity); 2 = torchvision's, faster
     finest_scale: float = 56.0
     reg_roi_scale_factor: float = 1.3
     conv_channels: int = 1024
@@ -111,6 +112,8 @@ class RoIHeadConfig:
         for name in ("ext_lambda_fc", "ext_lambda_conv"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"roi_head.{name}: expected a value in [0, 1]")
+        if self.sampling_ratio < 0:
+            raise ConfigError("roi_head.sampling_ratio: expected >= 0 (0 = adaptive)")
         if self.reg_roi_scale_factor <= 0:
             raise ConfigError("roi_head.reg_roi_scale_factor: must be > 0")
 
@@ -152,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "backbone": {"depth": 18, "frozen_stages": -1, "norm": "bn"},
         "fpn": {"out_channels": 64},
         "rpn": {"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 500, "pre_nms_top_n_test": 500},
-        "roi_head": {"conv_channels": 128, "fc_channels": 256, "batch_size_per_image": 128},
+        "roi_head": {"conv_channels": 128, "fc_channels": 256, "batch_size_per_image": 128, "sampling_ratio": 2},
     },
 }
 

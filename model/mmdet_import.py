@@ -115,6 +115,7 @@ def config_from_mmdet(model_cfg: Mapping[str, Any], **overrides: Any) -> ModelCo
             "roi_head": {
                 "head": "double",
                 "roi_size": head.get("roi_feat_size", 7),
+                "sampling_ratio": roi.get("bbox_roi_extractor", {}).get("roi_layer", {}).get("sampling_ratio", 0),
                 "reg_roi_scale_factor": float(roi.get("reg_roi_scale_factor", 1.3)),
                 "conv_channels": head["conv_out_channels"],
                 "num_conv_blocks": head["num_convs"],

@@ -39,6 +39,8 @@ class LevelRoIPooler(nn.Module):
         output_size: S (7).
         finest_scale: mmdet's ``finest_scale`` (56): RoIs smaller than 112 px go to the finest level.
         scale_factors: one output per factor, e.g. ``(1.0, 1.3)`` for the cls and reg branches.
+        sampling_ratio: samples per bin side; 0 = adaptive ``ceil(roi / output_size)`` (mmdet; exact parity),
+            2 = torchvision's detection default (cheaper backward on large RoIs).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LevelRoIPooler(nn.Module):
         output_size: int = 7,
         finest_scale: float = 56.0,
         scale_factors: tuple[float, ...] = (1.0,),
+        sampling_ratio: int = 0,
     ) -> None:
         super().__init__()
         self.featmap_names = tuple(featmap_names)
@@ -55,6 +58,7 @@ class LevelRoIPooler(nn.Module):
         self.output_size = output_size
         self.finest_scale = finest_scale
         self.scale_factors = tuple(scale_factors)
+        self.sampling_ratio = sampling_ratio
 
     def levels(self, rois: Tensor) -> Tensor:
         """``[N]`` int64 level index (0 = finest) of ``[N, 5]`` RoIs."""
@@ -74,7 +78,9 @@ class LevelRoIPooler(nn.Module):
             idx = torch.where(all_levels == lvl)[0]
             if idx.numel() == 0:
                 continue
-            pooled = roi_align(feat, all_rois[idx], self.output_size, 1.0 / stride, sampling_ratio=0, aligned=True)
+            pooled = roi_align(
+                feat, all_rois[idx], self.output_size, 1.0 / stride, sampling_ratio=self.sampling_ratio, aligned=True
+            )
             out[idx] = pooled.to(out.dtype)
         return [out[i * n : (i + 1) * n] for i in range(num_sets)]
 

@@ -80,16 +80,16 @@ def test_rpn_ignores_anchors_outside_the_image_padding():
 
 GOLDEN = {
     # seeded tiny detector, two 96x128 images; pins every loss term (regenerate only on a deliberate change)
-    "double": {"loss_rpn_cls": 0.6928494, "loss_rpn_bbox": 0.00959761, "loss_cls": 3.13686562, "loss_bbox": 0.50971115},
+    "double": {"loss_rpn_cls": 0.6928494, "loss_rpn_bbox": 0.00959761, "loss_cls": 3.136168, "loss_bbox": 0.50978804},
     "double_ext": {
         "loss_rpn_cls": 0.6928494,
         "loss_rpn_bbox": 0.00959761,
-        "loss_cls_fc": 2.26015735,
-        "loss_bbox_fc": 0.15380435,
-        "loss_cls_conv": 0.63225669,
-        "loss_bbox_conv": 0.50866222,
+        "loss_cls_fc": 2.25822496,
+        "loss_bbox_fc": 0.15380652,
+        "loss_cls_conv": 0.63261443,
+        "loss_bbox_conv": 0.50872236,
     },
-    "fc": {"loss_rpn_cls": 0.6928494, "loss_rpn_bbox": 0.00959761, "loss_cls": 2.79350424, "loss_bbox": 0.51014161},
+    "fc": {"loss_rpn_cls": 0.6928494, "loss_rpn_bbox": 0.00959761, "loss_cls": 2.78964639, "loss_bbox": 0.51022696},
 }
 
 
