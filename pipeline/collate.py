@@ -2,21 +2,21 @@
 
 The contract with ``model/`` (torchvision detection convention, minus resizing, which the pipeline does):
 
-* images: ``list`` of uint8 ``[3, H, W]`` RGB tensors, already resized, of varying ``H, W``; the model
-  normalises and pads them itself.
+* images: ``list`` of uint8 ``[3, H, W]`` RGB tensors, already resized, of varying ``H, W`` (channels-last
+  memory, like torchvision's ``pil_to_tensor``); the model normalises and pads them itself.
 * targets: one ``dict`` per image:
 
-  ============== ========= ======== ==========================================================
-  key            dtype     shape    meaning
-  ============== ========= ======== ==========================================================
-  ``boxes``      float32   [N, 4]   xyxy in pixels of the resized (and possibly flipped) image
-  ``labels``     int64     [N]      contiguous classes 1..K (0 is background, never present)
-  ``image_id``   int64     []       COCO image id
-  ``orig_size``  int64     [2]      (H, W) of the original image (after EXIF orientation)
-  ``scale_factor`` float32 [2]      (sx, sy) = resized / original, per axis
-  ``flipped``    bool      []       whether the image was flipped horizontally after resizing
-  ``iscrowd``    bool      [N]      evaluation stream only: crowd regions (training drops them)
-  ============== ========= ======== ==========================================================
+  ================ ======= ====== ==========================================================
+  key              dtype   shape  meaning
+  ================ ======= ====== ==========================================================
+  ``boxes``        float32 [N, 4] xyxy in pixels of the resized (and possibly flipped) image
+  ``labels``       int64   [N]    contiguous classes 1..K (0 is background, never present)
+  ``image_id``     int64   []     COCO image id
+  ``orig_size``    int64   [2]    (H, W) of the original image (after EXIF orientation)
+  ``scale_factor`` float32 [2]    (sx, sy) = resized / original, per axis
+  ``flipped``      bool    []     whether the image was flipped horizontally after resizing
+  ``iscrowd``      bool    [N]    evaluation stream only: crowd regions (training drops them)
+  ================ ======= ====== ==========================================================
 
 A tuple, not a dict of lists: Ray concatenates dicts of tensors across a batch, which fails for ragged images.
 """
@@ -54,7 +54,8 @@ def collate(batch: Mapping[str, Sequence[Any]]) -> tuple[list[Tensor], list[dict
             ``flipped``, and optionally ``iscrowd`` ``[N]``.
 
     Returns:
-        ``(images, targets)``: ``images[i]`` uint8 ``[3, h, w]`` (contiguous, writable); ``targets[i]`` as in
+        ``(images, targets)``: ``images[i]`` uint8 ``[3, h, w]``, owning its memory, laid out channels-last
+        (a permuted view of the HWC copy; ``.contiguous()`` if a kernel needs CHW order); ``targets[i]`` as in
         the module docstring.
     """
     missing = [c for c in STREAM_COLUMNS if c not in batch]
@@ -70,7 +71,9 @@ def collate(batch: Mapping[str, Sequence[Any]]) -> tuple[list[Tensor], list[dict
                 f"collate: image id {int(batch['image_id'][i])}: expected uint8 [H, W, 3], "
                 f"got {pixels.dtype} {list(pixels.shape)}"
             )
-        images.append(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))))
+        # A private copy (the batch's arrays are read-only views of Ray's object store) seen as [3, h, w]: a
+        # channels-last view, as torchvision's pil_to_tensor returns; a CHW transposing copy costs 20x more.
+        images.append(torch.from_numpy(np.array(pixels, order="C")).permute(2, 0, 1))
         boxes = np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4)
         target = {
             "boxes": torch.from_numpy(boxes.copy()),

@@ -20,7 +20,7 @@ Epochs. Each pass over a dataset (``iter_batches`` on it, or on a Ray Train shar
 execution. Training randomness is keyed on that execution index, the same one Ray's own
 ``FileShuffleConfig(reseed_after_execution=True)`` and ``random()`` expression use: the Parquet file order is
 shuffled per execution, and each image's scale and flip come from ``image_rng(seed, execution, image_id)``.
-There is no global shuffle; :func:`iter_train_batches` adds a seeded local shuffle buffer and aspect-ratio
+There is no global shuffle; :func:`iter_train_batches` adds a seeded shuffle buffer and aspect-ratio
 grouping on the consuming worker. To resume mid-run with fresh randomness, build the dataset with a seed
 derived from the start epoch.
 """
@@ -39,7 +39,7 @@ import pyarrow as pa
 import ray.data
 from ray.data import FileShuffleConfig
 from ray.data.context import DataContext
-from ray.data.extensions import ArrowVariableShapedTensorArray
+from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
 from torch import Tensor
 
 from pipeline.coco import DatasetError, load_coco, safe_join
@@ -51,6 +51,20 @@ from pipeline.storage import StorageConfig, exists, read_bytes, resolve
 from pipeline.transforms import AugmentConfig, Transformed, eval_transform, image_rng, train_transform
 
 _INPUT_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "labels", "iscrowd"]
+_TRAIN_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("image", ArrowVariableShapedTensorType(pa.uint8(), 3)),
+        ("boxes", pa.list_(pa.float32())),
+        ("labels", pa.list_(pa.int32())),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("scale_x", pa.float64()),
+        ("scale_y", pa.float64()),
+        ("flipped", pa.bool_()),
+    ]
+)
+_EVAL_SCHEMA = _TRAIN_SCHEMA.append(pa.field("iscrowd", pa.list_(pa.bool_())))
 
 
 @dataclass(frozen=True)
@@ -111,16 +125,26 @@ class IncompleteDatasetError(DatasetError):
     """A Parquet dataset without ``manifest.json``: ``prepare`` has not finished (or crashed)."""
 
 
-def train_dataset(source: Source, storage: StorageConfig, config: StreamConfig | None = None) -> ray.data.Dataset:
-    """The training stream: shuffled per execution, multi-scale resize and random flip, crowd boxes removed."""
+def train_dataset(
+    source: Source, storage: StorageConfig | None = None, config: StreamConfig | None = None
+) -> ray.data.Dataset:
+    """The training stream: shuffled per execution, multi-scale resize and random flip, crowd boxes removed.
+
+    ``storage``: how to reach ``s3://`` sources (``None``: the AWS variables of each process); it travels to
+    the Ray tasks without its credentials, which the workers take from their own environment.
+    """
     config = config or StreamConfig()
+    storage = storage or StorageConfig()
     return _transformed(_read(source, storage, config, shuffle=config.shuffle_files), config, train=True)
 
 
-def eval_dataset(source: Source, storage: StorageConfig, config: StreamConfig | None = None) -> ray.data.Dataset:
+def eval_dataset(
+    source: Source, storage: StorageConfig | None = None, config: StreamConfig | None = None
+) -> ray.data.Dataset:
     """The evaluation stream: every image once, resized to ``test_min_size``, no flip, crowd boxes kept
     (with an ``iscrowd`` column) so that predictions can be scored and mapped back to original pixels."""
     config = config or StreamConfig()
+    storage = storage or StorageConfig()
     return _transformed(_read(source, storage, config, shuffle=False), config, train=False)
 
 
@@ -134,57 +158,66 @@ def iter_train_batches(
     drop_last: bool = False,
     prefetch_batches: int = 2,
 ) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
-    """Yield ``collate``-d batches of ``batch_size`` images that share an orientation (w >= h, or w < h).
+    """Yield ``(images, targets)`` batches of ``batch_size`` images that share an orientation (w >= h or w < h).
 
-    Rows pass through Ray Data's local shuffle buffer (seeded by ``(seed, epoch)``; give each Ray Train
-    worker its own ``seed``, e.g. ``base + world_rank``), then into one bucket per orientation, as mmdet's
-    ``AspectRatioBatchSampler`` and detectron2's ``AspectRatioGroupedDataset`` do. Partial buckets are
-    yielded at the end of the epoch unless ``drop_last``. ``data`` is a Dataset or the ``DataIterator`` from
-    ``ray.train.get_dataset_shard(name)``; call once per epoch. See :mod:`pipeline.collate` for the format.
+    ``data`` is a Dataset or the ``DataIterator`` of ``ray.train.get_dataset_shard(name)``; call once per epoch.
+    Each image becomes a CHW tensor as it arrives (:func:`pipeline.collate.collate`, the copy the model needs
+    anyway), then passes a shuffle buffer of ``shuffle_buffer_size`` images (each arrival swaps with a resident
+    drawn from a generator seeded by ``(seed, epoch)``; give each Ray Train worker its own ``seed``, e.g.
+    ``base + world_rank``), then one bucket per orientation, as mmdet's ``AspectRatioBatchSampler`` and
+    detectron2's ``AspectRatioGroupedDataset`` do. Partial buckets are yielded at the end unless ``drop_last``.
+    The consumer holds at most ``shuffle_buffer_size + 2 * batch_size`` decoded images.
     """
-    shuffle_seed = int(np.random.SeedSequence([int(seed) % 2**63, int(epoch) % 2**63]).generate_state(1)[0])
-    rows = data.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer_size or None,
-        local_shuffle_seed=shuffle_seed if shuffle_buffer_size else None,
-    )
-    yield from _grouped(rows, batch_size, drop_last)
+    samples = _samples(data, batch_size, prefetch_batches)
+    if shuffle_buffer_size > 0:
+        rng = np.random.default_rng([int(seed) % 2**63, int(epoch) % 2**63])
+        samples = _shuffled(samples, shuffle_buffer_size, rng)
+    yield from _grouped(samples, batch_size, drop_last)
 
 
 def iter_eval_batches(
     data: BatchIterable, *, batch_size: int, prefetch_batches: int = 2
 ) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
-    """Yield every image of an evaluation stream once, ``collate``-d, grouped by orientation (less padding)."""
-    rows = data.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
-    yield from _grouped(rows, batch_size, drop_last=False)
+    """Yield every image of an evaluation stream once, collated, grouped by orientation (less padding)."""
+    yield from _grouped(_samples(data, batch_size, prefetch_batches), batch_size, drop_last=False)
 
 
-def _grouped(
-    chunks: Iterable[Mapping[str, Any]], batch_size: int, drop_last: bool
-) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
+Sample = tuple[Tensor, dict[str, Tensor]]
+
+
+def _samples(data: BatchIterable, chunk_size: int, prefetch_batches: int) -> Iterator[Sample]:
+    chunks = data.iter_batches(batch_size=chunk_size, batch_format="numpy", prefetch_batches=prefetch_batches)
+    for chunk in chunks:
+        images, targets = collate(chunk)
+        yield from zip(images, targets, strict=True)
+
+
+def _shuffled(samples: Iterable[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+def _grouped(samples: Iterable[Sample], batch_size: int, drop_last: bool) -> Iterator[tuple[list, list]]:
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    buckets: dict[bool, list[int]] = {True: [], False: []}
-    pending: dict[bool, list[Mapping[str, Any]]] = {True: [], False: []}
-    for chunk in chunks:
-        for i, image in enumerate(chunk["image"]):
-            wide = image.shape[1] >= image.shape[0]
-            buckets[wide].append(i)
-            pending[wide].append(chunk)
-            if len(buckets[wide]) == batch_size:
-                yield collate(_take(pending[wide], buckets[wide]))
-                buckets[wide], pending[wide] = [], []
-    if not drop_last:
-        for wide in (True, False):
-            if buckets[wide]:
-                yield collate(_take(pending[wide], buckets[wide]))
-
-
-def _take(chunks: list[Mapping[str, Any]], rows: list[int]) -> dict[str, list[Any]]:
-    """Columnar batch of ``chunks[k][column][rows[k]]`` for every column of the first chunk."""
-    return {name: [chunk[name][i] for chunk, i in zip(chunks, rows, strict=True)] for name in chunks[0]}
+    buckets: dict[bool, list[Sample]] = {True: [], False: []}
+    for image, target in samples:
+        wide = image.shape[2] >= image.shape[1]
+        buckets[wide].append((image, target))
+        if len(buckets[wide]) == batch_size:
+            yield [im for im, _ in buckets[wide]], [t for _, t in buckets[wide]]
+            buckets[wide] = []
+    for bucket in buckets.values():
+        if bucket and not drop_last:
+            yield [im for im, _ in bucket], [t for _, t in bucket]
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -304,6 +337,9 @@ def transform_table(table: pa.Table, *, train: bool, config: StreamConfig, epoch
         kept_labels.append(labels)
         kept_crowd.append(crowd)
 
+    schema = _TRAIN_SCHEMA if train else _EVAL_SCHEMA
+    if not results:
+        return schema.empty_table()
     columns: dict[str, pa.Array] = {
         "image_id": pa.array(ids[kept], pa.int64()),
         "image": _images_array([r.image for r in results]),
@@ -317,7 +353,7 @@ def transform_table(table: pa.Table, *, train: bool, config: StreamConfig, epoch
     }
     if not train:
         columns["iscrowd"] = _list_array(kept_crowd, pa.bool_())
-    return pa.table(columns)
+    return pa.table(columns, schema=schema)
 
 
 def _execution_index() -> int:
@@ -348,8 +384,6 @@ def _list_array(rows: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
 
 def _images_array(images: list[np.ndarray]) -> pa.Array:
     """Variable-shaped uint8 ``[h, w, 3]`` tensor column (an explicit type, even for equal shapes)."""
-    if not images:
-        return ArrowVariableShapedTensorArray.from_numpy(np.empty((0,), dtype=object))
     arr = np.empty(len(images), dtype=object)
     for i, image in enumerate(images):
         arr[i] = image
