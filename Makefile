@@ -27,4 +27,4 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)

@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     server = start_s3_server()
-    _drain(server.process.stderr)
     try:
         os.environ.update(server.env)
         datasets = _prepare_datasets(server.create_bucket(), sorted(set(args.images)), args)
@@ -134,12 +133,6 @@ def _child(reader: str, uri: str, args: argparse.Namespace) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"{reader} measurement failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _drain(pipe: Any) -> None:
-    """moto logs each request to its stderr pipe; read it, or the server blocks once the pipe is full."""
-    if pipe is not None:
-        threading.Thread(target=lambda: all(iter(lambda: pipe.read(65536), b"")), daemon=True).start()
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -57,19 +57,9 @@ MIXED = [
 ]
 
 
-def _drain_server_log(server: S3Server) -> None:
-    """Keep reading the moto server's stderr pipe: it logs every request there, and once the unread pipe
-    buffer (64 KiB, ~800 requests) is full the server blocks forever. A no-op if stderr is not a pipe."""
-    pipe = server.process.stderr
-    if pipe is not None and not getattr(server, "_drained", False):
-        threading.Thread(target=lambda: all(iter(lambda: pipe.read(65536), b"")), daemon=True).start()
-        server._drained = True  # type: ignore[attr-defined]
-
-
 @pytest.fixture(scope="module")
 def ray_on_s3(s3_server: S3Server) -> Iterator[S3Server]:
     """Ray with the server's AWS variables in its environment (workers inherit them at ``ray.init``)."""
-    _drain_server_log(s3_server)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
             mp.delenv(name, raising=False)

@@ -315,6 +315,8 @@ def _serve_and_predict(folder: Path, tmp_path: Path) -> pd.DataFrame:
     PYTHONPATH): the pyfunc must run from its own code/. One JSON request with base64 images."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # `mlflow models serve` runs `uvicorn` from PATH: this interpreter's bin, even without an activated venv
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = tmp_path / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local"]
     with log.open("wb") as sink:

@@ -66,7 +66,8 @@ def make_job(dataset, tmp_path, name: str, **train) -> JobConfig:
 
 
 def mlflow_runs(job: JobConfig):
-    client = mlflow.MlflowClient(job.tracking.tracking_uri)
+    uri = job.tracking.tracking_uri
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(job.tracking.experiment_name)
     return client, client.search_runs([experiment.experiment_id])
 
@@ -129,7 +130,7 @@ def test_killed_worker_recovers_and_matches_uninterrupted_run(dataset, tmp_path)
     assert got.metrics["val/AP"] == pytest.approx(ref.metrics["val/AP"], abs=0.1)
 
 
-def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path, monkeypatch):
+def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
     from jobs.config import DatasetSpec
     from jobs.model_eval import evaluate_model, load_for_eval
     from pipeline.storage import StorageConfig
@@ -140,14 +141,14 @@ def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path, monkey
     )
     result = run_training(job)
     assert result.metrics["model_uri"] == "models:/dh-test/1"
-    client = mlflow.MlflowClient(job.tracking.tracking_uri)
+    uri = job.tracking.tracking_uri
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("dh-test", "champion").version) == "1"
     run = client.get_run(result.run_id)
     assert "val/AP" in run.data.metrics and "data.storage.secret_access_key" not in run.data.params
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert artifacts, "evaluation plots are logged"
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking.tracking_uri)
-    detector = load_for_eval("models:/dh-test@champion")
+    detector = load_for_eval("models:/dh-test@champion", tracking_uri=uri)
     metrics, _ = evaluate_model(detector, DatasetSpec(parquet=str(dataset / "parquet" / "val")), StorageConfig())
     assert metrics.stats["AP"] == pytest.approx(result.metrics["val/AP"], abs=1e-9)
