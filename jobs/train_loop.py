@@ -4,8 +4,10 @@ then per epoch: train steps, evaluation, checkpoint; finally log the model. Ray 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from typing import Any
 
 import ray.train
@@ -58,6 +60,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     tracker = Tracker(job.tracking, enabled=rank == 0)
     run_id = tracker.start(run_id)
+    if checkpoint is not None and rank == 0:
+        print(f"resumed from the checkpoint of iteration {progress.iteration} (epoch {progress.epoch})", flush=True)
+        tracker.log_metrics({"train/resumed_from_iter": progress.iteration}, step=progress.iteration)
     categories = CategoryMap.from_dict(config["categories"])
     evaluator = Evaluator(
         job,
@@ -186,10 +191,29 @@ def _maybe_fail(job: JobConfig, config: dict[str, Any], rank: int, iteration: in
     marker = config["fail_marker"]
     if os.path.exists(marker):
         return
+    _wait_for_registered_checkpoint(os.path.dirname(marker), job.train.checkpoint_every_iters, iteration)
     with open(marker, "w") as f:
         f.write(str(iteration))
     print(f"[test hook] worker {rank} exits at iteration {iteration}", flush=True)
     os._exit(1)
+
+
+def _wait_for_registered_checkpoint(run_dir: str, every: int, iteration: int, timeout_s: float = 60.0) -> None:
+    """Test hook helper: Ray Train registers a reported checkpoint asynchronously; a crash simulated right
+    after ``report`` waits until the controller's snapshot lists it, so the test sees a deterministic restore."""
+    if not every or iteration < every:
+        return
+    expected, path = iteration // every * every, os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                latest = json.load(f).get("latest_checkpoint_result") or {}
+            if latest.get("metrics", {}).get("iteration", -1) >= expected:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
 
 
 def num_iters_per_epoch(num_images: int, num_workers: int, batch_size: int) -> int:
