@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import JobConfig, resolve_job_config
+from model.typed_config import ConfigError, parse_dotted
 from pipeline.prepare import PrepareOptions, prepare_coco
 from pipeline.storage import StorageConfig, join
 from pipeline.synth import SynthConfig, write_synth
@@ -26,8 +27,15 @@ SYNTH = {
 }
 
 
-def quickstart_config(root: str, storage: StorageConfig, num_classes: int, tracking_uri: str | None) -> JobConfig:
-    """The embedded job: ``tiny`` preset, small images, 2 CPU workers, a short step schedule."""
+def quickstart_config(
+    root: str,
+    storage: StorageConfig,
+    num_classes: int,
+    tracking_uri: str | None,
+    overrides: list[str] | None = None,
+) -> JobConfig:
+    """The embedded job: ``tiny`` preset, small images, 2 CPU workers, a short step schedule; ``overrides``
+    (``key=value``, as for ``dhrcnn train``) change any of it."""
     raw: dict[str, Any] = {
         "model": {"preset": "tiny", "num_classes": num_classes},
         "data": {
@@ -52,7 +60,17 @@ def quickstart_config(root: str, storage: StorageConfig, num_classes: int, track
         "tracking": {"tracking_uri": tracking_uri},
         "run": {"name": "quickstart", "storage_path": join(root, "runs")},
     }
-    return resolve_job_config(raw)
+    return resolve_job_config(raw, overrides)
+
+
+def split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``synth.KEY=VALUE`` items -> the synthetic dataset's settings (over :data:`SYNTH`); the rest -> the job."""
+    synth = parse_dotted([o for o in overrides if o.startswith("synth.")]).get("synth", {})
+    known = set(SynthConfig.__dataclass_fields__)
+    unknown = sorted(set(synth) - known)
+    if unknown:
+        raise ConfigError(f"quickstart: unknown keys synth.{unknown}; the dataset's keys are {sorted(known)}")
+    return {**SYNTH, **synth}, [o for o in overrides if not o.startswith("synth.")]
 
 
 @dataclass(frozen=True)
@@ -63,12 +81,15 @@ class QuickstartResult:
     picture: str
 
 
-def run_quickstart(workdir: str, storage: StorageConfig, tracking_uri: str | None) -> QuickstartResult:
+def run_quickstart(
+    workdir: str, storage: StorageConfig, tracking_uri: str | None, overrides: list[str] | None = None
+) -> QuickstartResult:
     from jobs.train import ensure_ray, run_training
 
+    synth, job_overrides = split_overrides(list(overrides or []))
     ensure_ray(num_cpus=max(2, os.cpu_count() or 2))
     data_root = join(workdir, "synth")
-    write_synth(data_root, SynthConfig(**SYNTH), storage)
+    write_synth(data_root, SynthConfig(**synth), storage)
     manifest = None
     for split in ("train", "val"):
         result = prepare_coco(
@@ -79,7 +100,7 @@ def run_quickstart(workdir: str, storage: StorageConfig, tracking_uri: str | Non
             storage,
         )
         manifest = result.manifest
-    job = quickstart_config(workdir, storage, manifest.categories.num_classes, tracking_uri)
+    job = quickstart_config(workdir, storage, manifest.categories.num_classes, tracking_uri, job_overrides)
     picture = str(Path("dhrcnn_quickstart_predictions.png").resolve())
     result = run_training(job, threads_per_worker=1, picture_path=picture)
     m = result.metrics

@@ -1,4 +1,5 @@
-"""``dhrcnn quickstart [--workdir DIR] [--s3]``: the whole path on embedded defaults, nothing to set up."""
+"""``dhrcnn quickstart [--workdir DIR] [--s3] [key=value ...]``: the whole path on embedded defaults, nothing to
+set up; ``key=value`` changes the embedded job (``train.epochs=2``) or dataset (``synth.num_images=60``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="dhrcnn_quickstart", help="where data, runs and pictures go")
     parser.add_argument("--s3", action="store_true", help="go through a local S3 server (moto) instead of files")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the cwd)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="change the embedded job (e.g. train.epochs=2) or dataset (e.g. synth.num_images=60)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         workdir = f"{server.create_bucket('dhrcnn-quickstart')}/{args.workdir}"
         storage = server.storage_config
     try:
-        result = run_quickstart(workdir, storage, args.tracking_uri)
+        result = run_quickstart(workdir, storage, args.tracking_uri, args.overrides)
     finally:
         if server is not None:
             server.stop()
