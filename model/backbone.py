@@ -36,7 +36,12 @@ class EvalBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-NORM_LAYERS = {"bn_eval": EvalBatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+def group_norm(num_channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He, 2018), the usual choice to train from scratch with small batches."""
+    return nn.GroupNorm(32, num_channels)
+
+
+NORM_LAYERS = {"bn_eval": EvalBatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": group_norm}
 
 
 def load_imagenet_weights(body: resnet.ResNet, path: str | Path) -> None:

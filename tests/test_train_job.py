@@ -3,8 +3,6 @@ handling, and one MLflow run per job. Small synthetic data, the ``tiny`` detecto
 
 from __future__ import annotations
 
-import math
-
 import mlflow
 import pytest
 import ray
@@ -114,17 +112,21 @@ def test_consecutive_nans_stop_the_job_and_keep_the_checkpoint(dataset, tmp_path
     assert checkpoints, "the last good checkpoint (iteration 4) must be kept"
 
 
-def test_killed_worker_recovers_from_its_checkpoint(dataset, tmp_path):
+def test_killed_worker_recovers_from_its_checkpoint_and_matches_an_uninterrupted_run(dataset, tmp_path):
+    """Tolerance: Ray Data hands blocks to the two workers in completion order, so the two runs see the same
+    images in a different order; the last epoch's mean loss agrees within 50 % and val AP within 0.1."""
     scaling = {"num_workers": 2, "cpus_per_worker": 0.5}
-    faulty = make_job(dataset, tmp_path, "faulty", fail_at_iter=5, epochs=2, seed=7)  # checkpoint at 4, dies at 5
-    faulty = resolve_job_config(
-        {**faulty.to_dict(), "scaling": scaling, "run": {**faulty.to_dict()["run"], "max_failures": 1}}
-    )
-    got = run_training(faulty)
+
+    def job(name: str, **train) -> JobConfig:
+        raw = make_job(dataset, tmp_path / name, name, epochs=2, seed=7, **train).to_dict()
+        return resolve_job_config({**raw, "scaling": scaling, "run": {**raw["run"], "max_failures": 1}})
+
+    faulty = job("faulty", fail_at_iter=5)  # checkpoint at iteration 4, dies before iteration 6
+    got, ref = run_training(faulty), run_training(job("clean"))
     client, runs = mlflow_runs(faulty)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     iters_per_epoch = NUM_TRAIN // 2 // 2
-    assert got.metrics["iteration"] == 2 * iters_per_epoch
+    assert got.metrics["iteration"] == ref.metrics["iteration"] == 2 * iters_per_epoch
     resumed = client.get_metric_history(got.run_id, "train/resumed_from_iter")
     assert [(m.step, m.value) for m in resumed] == [(4, 4.0)], "the new worker group restores iteration 4"
     history = client.get_metric_history(got.run_id, "train/lr")
@@ -132,7 +134,16 @@ def test_killed_worker_recovers_from_its_checkpoint(dataset, tmp_path):
     base = scaled_lr(faulty.train, total_batch_size=4)
     for m in history:  # the scheduler continues where the checkpoint left it
         assert m.value == pytest.approx(base * lr_factor(m.step, faulty.train, iters_per_epoch), rel=1e-6), m.step
-    assert 0.0 <= got.metrics["val/AP"] <= 1.0 and math.isfinite(got.metrics["train/loss"])
+
+    def last_epoch_loss(job: JobConfig, run_id: str) -> float:
+        client, _ = mlflow_runs(job)
+        losses = [m.value for m in client.get_metric_history(run_id, "train/loss") if m.step > iters_per_epoch]
+        assert len(losses) == iters_per_epoch
+        return sum(losses) / len(losses)
+
+    clean_loss = last_epoch_loss(job("clean"), ref.run_id)
+    assert last_epoch_loss(faulty, got.run_id) == pytest.approx(clean_loss, rel=0.5)
+    assert got.metrics["val/AP"] == pytest.approx(ref.metrics["val/AP"], abs=0.1)
 
 
 def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
