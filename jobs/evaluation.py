@@ -17,6 +17,7 @@ from jobs.coco_eval import evaluate_coco
 from jobs.config import JobConfig
 from jobs.eval_plots import draw_detections_grid, per_class_table, plot_pr_curves
 from jobs.inference import predict_coco
+from jobs.progress import console
 from pipeline.categories import CategoryMap
 from pipeline.stream import iter_eval_batches
 
@@ -95,5 +96,5 @@ class Evaluator:
             if self.picture_path:  # a local copy of the latest picture (the quickstart prints its path)
                 Path(self.picture_path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(tmp_path / "val_predictions.png", self.picture_path)
-        print(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in METRIC_KEYS))
+        console(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in METRIC_KEYS))
         return out

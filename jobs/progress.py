@@ -6,6 +6,7 @@ Only rank 0 prints; Ray forwards the worker's stdout to the driver's console, pr
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 
 import torch
@@ -61,12 +62,18 @@ class StepMeter:
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if self.enabled:
             remaining = (self.total_iters - progress.iteration) * elapsed / self.count
-            print(
+            console(
                 f"epoch {self.epoch + 1}/{self.cfg.epochs} iter {progress.iteration}/{self.total_iters} "
                 f"loss {metrics['train/loss']:.4f} lr {lr:.5f} {metrics['train/images_per_s']:.1f} img/s "
                 f"data-wait {100 * metrics['train/data_wait_fraction']:.0f}% "
-                f"ETA {datetime.timedelta(seconds=round(remaining))}",
-                flush=True,
+                f"ETA {datetime.timedelta(seconds=round(remaining))}"
             )
         self._reset()
         return metrics
+
+
+def console(line: str) -> None:
+    """Print one progress line from a Ray Train worker, once. Train V2 turns ``print`` into a log record and,
+    when a library has wrapped ``sys.stdout``, also tees it there, so Ray forwarded each line twice; the
+    process's own stdout is forwarded to the driver exactly once."""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
