@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "write a synthetic COCO dataset of shapes (train and val splits), locally or to s3://"),
     "prepare": ("prepare", "convert a COCO dataset (one split) into sharded Parquet with a manifest, on Ray Data"),
     "train": ("train", "train a detector with Ray Train (DDP) from a job config, tracked in MLflow"),
+    "tune": ("tune", "a Ray Tune sweep (ASHA) over the training job: nested MLflow runs, best model registered"),
     "quickstart": (
         "quickstart",
         "synthetic data -> Parquet -> 2-worker CPU training -> evaluation -> registered model",
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "COCO box AP (pycocotools) of a detections file against its annotations"),
     "models": ("models", "the model registry: list versions, promote an alias, pull a ready predictor folder"),
     "predict": ("predict", "batch inference with Ray Data over a folder or s3:// prefix: COCO JSON, Parquet, renders"),
+    "submit": ("submit", "run any dhrcnn command as a job on a Ray cluster (Ray Jobs API), following its logs"),
 }
 
 

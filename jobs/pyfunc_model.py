@@ -299,10 +299,20 @@ def log_detector(
         )
         if registered_model_name is None:
             return info.model_uri, None
-        tags = {k: f"{v:.6g}" for k in COCO_METRICS if (v := _metric(clean_metrics, k)) is not None}
-        version = mlflow.register_model(info.model_uri, registered_model_name, tags={**tags, "format": FORMAT})
-        _maybe_promote(client, registered_model_name, str(version.version), _metric(clean_metrics, "AP"))
-    return info.model_uri, str(version.version)
+        version = register_detector(info.model_uri, registered_model_name, clean_metrics)
+    return info.model_uri, version
+
+
+def register_detector(model_uri: str, name: str, metrics: Mapping[str, Any], tracking_uri: str | None = None) -> str:
+    """Register the detector logged at ``model_uri`` (``models:/m-...``, by :func:`log_detector`) as a new
+    version of ``name``, tagged with its COCO metrics (bare or ``val/``-prefixed keys of ``metrics``; other
+    entries ignored), and move alias ``champion`` to it if its AP beats the champion's. Returns the version."""
+    numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    with tracking_uri_scope(tracking_uri):
+        tags = {k: f"{v:.6g}" for k in COCO_METRICS if (v := _metric(numbers, k)) is not None}
+        version = mlflow.register_model(model_uri, name, tags={**tags, "format": FORMAT})
+        _maybe_promote(mlflow.MlflowClient(), name, str(version.version), _metric(numbers, "AP"))
+    return str(version.version)
 
 
 def champion_ap(client: Any, name: str, alias: str = CHAMPION) -> tuple[str | None, float | None]:

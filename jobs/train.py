@@ -7,12 +7,13 @@ checkpoint (Ray Train V2 restores from the run's storage) and continues the same
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.config import JobConfig
@@ -21,6 +22,8 @@ from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_ta
 from jobs.train_loop import num_iters_per_epoch, train_worker
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
 from pipeline.stream import StreamConfig, eval_dataset, train_dataset
+
+RUN_ID_MARKER = "mlflow_run_id"  # next to the Ray Train run: the job's MLflow run id
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,22 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # the dashboard serves the State API that Ray Train's placement-group cleaner polls (else it warns)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
 
 
 def run_training(
-    job: JobConfig, *, threads_per_worker: int | None = None, picture_path: str | None = None
+    job: JobConfig,
+    *,
+    threads_per_worker: int | None = None,
+    picture_path: str | None = None,
+    callbacks: Sequence[UserCallback] = (),
+    parent_run_id: str | None = None,
 ) -> TrainResult:
     """Run (or resume) ``job`` to completion on the current Ray cluster. ``picture_path``: also write the
-    latest validation picture there (a path on the node of worker 0, e.g. for a local run)."""
+    latest validation picture there (a path on the node of worker 0, e.g. for a local run). ``callbacks``:
+    Ray Train callbacks of the run (e.g. Tune's ``TuneReportCallback`` in a sweep's trial).
+    ``parent_run_id``: the job's MLflow run is created nested under that run (a sweep's)."""
     storage = job.data.storage
     train_info = dataset_info(job.data.train, storage)
     val_info = dataset_info(job.data.val, storage) if job.data.val is not None else None
@@ -73,7 +84,7 @@ def run_training(
 
     job = replace(job, tracking=ensure_tracking_store(job.tracking))  # absolute URI for the workers
     run_dir = join(job.run.storage_path, job.run.name)
-    run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint)
+    run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint, parent_run_id=parent_run_id)
     iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
     loop_config: dict[str, Any] = {
         "job": job,
@@ -87,7 +98,7 @@ def run_training(
         loop_config["picture_path"] = os.path.abspath(picture_path)
     if threads_per_worker:
         loop_config["threads_per_worker"] = threads_per_worker
-    filesystem, storage_path = _run_storage(job.run.storage_path, storage)
+    filesystem, storage_path = run_storage(job.run.storage_path, storage)
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
         resources["GPU"] = job.scaling.gpus_per_worker
@@ -103,6 +114,7 @@ def run_training(
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=job.run.max_failures),
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=job.train.keep_best, checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
             ),
@@ -121,22 +133,40 @@ def run_training(
     return TrainResult(dict(result.metrics or {}), path, run_id)
 
 
-def job_run_id(tracking: TrackingConfig, run_dir: str, storage: StorageConfig, job: JobConfig, fingerprint: str) -> str:
+def job_run_id(
+    tracking: TrackingConfig,
+    run_dir: str,
+    storage: StorageConfig,
+    job: JobConfig,
+    fingerprint: str,
+    *,
+    parent_run_id: str | None = None,
+) -> str:
     """The job's MLflow run: created (params, config, tags) on the first start, its id kept next to the Ray
-    Train run so that a restarted job and recovered workers continue the same run."""
-    marker = join(run_dir, "mlflow_run_id")
-    if exists(marker, storage):
-        return read_bytes(marker, storage).decode().strip()
+    Train run so that a restarted job and recovered workers continue the same run. With ``parent_run_id``
+    the run is nested under that one (tag ``mlflow.parentRunId``)."""
+    existing = existing_run_id(run_dir, storage)
+    if existing is not None:
+        return existing
     tracker = Tracker(replace(tracking, run_name=tracking.run_name or job.run.name))
     run_id = tracker.start(None)
     tracker.log_config(job.to_dict())
-    tracker.set_tags(run_tags(fingerprint, {"job_name": job.run.name, "storage_path": job.run.storage_path}))
+    extra = {"job_name": job.run.name, "storage_path": job.run.storage_path}
+    if parent_run_id is not None:
+        extra["mlflow.parentRunId"] = parent_run_id
+    tracker.set_tags(run_tags(fingerprint, extra))
     _local_dir(run_dir)
-    write_bytes(marker, run_id.encode(), storage)
+    write_bytes(join(run_dir, RUN_ID_MARKER), run_id.encode(), storage)
     return run_id
 
 
-def _run_storage(storage_path: str, storage):
+def existing_run_id(run_dir: str, storage: StorageConfig) -> str | None:
+    """The MLflow run id kept in ``run_dir`` by :func:`job_run_id`, or ``None`` before the job's first start."""
+    marker = join(run_dir, RUN_ID_MARKER)
+    return read_bytes(marker, storage).decode().strip() if exists(marker, storage) else None
+
+
+def run_storage(storage_path: str, storage: StorageConfig):
     """Ray Train's ``storage_path``/``storage_filesystem`` for local paths or ``s3://`` (custom endpoints too)."""
     if storage_path.startswith("s3://"):
         filesystem, path = resolve(storage_path, storage)

@@ -123,9 +123,10 @@ def train_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             progress.iteration += 1
             progress.batch_in_epoch = step + 1
-            metrics = meter.step(losses, loss, optimizer.param_groups[0]["lr"], progress, device)
-            if metrics:
-                tracker.log_metrics(metrics, step=progress.iteration)
+            logged = meter.step(losses, loss, optimizer.param_groups[0]["lr"], progress, device)
+            if logged:
+                tracker.log_metrics(logged, step=progress.iteration)
+                metrics = {**metrics, **logged}  # every report carries the latest value of each metric
             if job.train.checkpoint_every_iters and progress.iteration % job.train.checkpoint_every_iters == 0:
                 _report(metrics, progress, model, optimizer, scheduler, scaler, run_id, rank)
 

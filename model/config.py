@@ -23,7 +23,8 @@ class BackboneConfig:
 
     ``norm``: ``bn_eval`` is mmdet's ``norm_eval=True`` (BatchNorm statistics frozen, affine trained where
     the stage is trainable); ``frozen_bn`` is torchvision's ``FrozenBatchNorm2d`` (nothing trained);
-    ``bn`` trains statistics too; ``gn`` is GroupNorm(32) (from scratch, small batches). ``frozen_stages``: -1 none, 0 stem, 1 stem + layer1 (mmdet default), ...
+    ``bn`` trains statistics too; ``gn`` is GroupNorm(32) (from scratch, small batches).
+    ``frozen_stages``: -1 none, 0 stem, 1 stem + layer1 (mmdet default), ...
     ``weights``: a local torchvision ImageNet checkpoint (e.g. ``resnet50-0676ba61.pth``); never downloaded.
     """
 
