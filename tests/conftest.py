@@ -3,6 +3,8 @@
 S3 (self-contained): ``s3_server`` is one real moto S3 server per session (see ``tests/s3_server.py``);
 ``s3_env`` points the standard AWS variables at it for one test; ``s3_bucket`` is a fresh bucket URI.
 Ray workers inherit the environment at ``ray.init`` time: set the server's ``env`` before starting Ray.
+Ray: ``ray_4_cpus`` is a local Ray of 4 logical CPUs for one test module (Ray Train workers + Ray Data tasks
+on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests.s3_server import S3Server, start_s3_server
+
+
+@pytest.fixture(scope="module")
+def ray_4_cpus() -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -5,38 +5,20 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-import ray
 
 from jobs.config import JobConfig, resolve_job_config
 from jobs.schedule import lr_factor, scaled_lr
 from jobs.train import run_training
 from jobs.train_loop import NonFiniteLossError
-from pipeline.prepare import PrepareOptions, prepare_coco
-from pipeline.synth import SynthConfig, write_synth
+from tests.synthetic_data import prepared_synth
 
 pytestmark = pytest.mark.timeout(900)
 NUM_TRAIN = 24  # 30 synthetic images, 20 % to val
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("data")
-    write_synth(str(root / "synth"), SynthConfig(num_images=30, seed=3, val_fraction=0.2, size=(128, 96)))
-    for split in ("train", "val"):
-        prepare_coco(
-            str(root / "synth" / "annotations" / f"instances_{split}.json"),
-            str(root / "synth" / "images" / split),
-            str(root / "parquet" / split),
-            PrepareOptions(rows_per_shard=8),
-        )
-    return root
+def dataset(tmp_path_factory, ray_4_cpus):
+    return prepared_synth(tmp_path_factory.mktemp("data"), 30)
 
 
 def make_job(dataset, tmp_path, name: str, **train) -> JobConfig:

@@ -4,40 +4,20 @@ registered once; the same sweep started again is restored from its Tune experime
 
 from __future__ import annotations
 
-import time
-
 import mlflow
 import pytest
-import ray
 
 from jobs.tune import TAG_SWEEP, run_sweep, trial_run_name
 from jobs.tune_config import SweepConfig, resolve_sweep_config
-from pipeline.prepare import PrepareOptions, prepare_coco
-from pipeline.synth import SynthConfig, write_synth
+from tests.synthetic_data import prepared_synth
 
 pytestmark = pytest.mark.timeout(600)
 MODEL_NAME = "dh-tune"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("data")
-    write_synth(str(root / "synth"), SynthConfig(num_images=15, seed=3, val_fraction=0.2, size=(128, 96)))
-    for split in ("train", "val"):
-        prepare_coco(
-            str(root / "synth" / "annotations" / f"instances_{split}.json"),
-            str(root / "synth" / "images" / split),
-            str(root / "parquet" / split),
-            PrepareOptions(rows_per_shard=8),
-        )
-    return root
+def dataset(tmp_path_factory, ray_4_cpus):
+    return prepared_synth(tmp_path_factory.mktemp("data"), 15)
 
 
 def make_sweep(dataset, tmp_path) -> SweepConfig:
@@ -111,9 +91,7 @@ def test_sweep_stops_early_nests_runs_registers_best_and_resumes(dataset, tmp_pa
     assert {"tune/results.md", "tune/results.json", "tune/best_config.yaml"} <= artifacts
     ap_history = [(m.step, m.value) for m in client.get_metric_history(good.run_id, "val/AP")]
 
-    started = time.monotonic()
     again = run_sweep(make_sweep(dataset, tmp_path))  # same name and storage: the Tune experiment is restored
-    assert time.monotonic() - started < 60, "nothing left to train"
     assert [(r.trial_id, r.status, r.epochs) for r in again.rows] == [
         (r.trial_id, r.status, r.epochs) for r in result.rows
     ]
