@@ -60,6 +60,14 @@ OPTIONAL_VARS = {
     "AWS_DEFAULT_REGION": "a fallback for AWS_REGION",
     "AWS_SESSION_TOKEN": "only for temporary credentials",
     "AWS_MAX_ATTEMPTS": "defaults to 3",
+    # MLflow's own variables, forwarded by `dhrcnn submit` when set on the submitting machine
+    "MLFLOW_EXPERIMENT_NAME": "defaults to tracking.experiment_name",
+    "MLFLOW_REGISTRY_URI": "defaults to the tracking URI",
+    "MLFLOW_S3_ENDPOINT_URL": "only for a tracking server without artifact proxying",
+    "MLFLOW_TRACKING_INSECURE_TLS": "only for a server with a self-signed certificate",
+    "MLFLOW_TRACKING_USERNAME": "only for a tracking server with basic auth",
+    "MLFLOW_TRACKING_PASSWORD": "only for a tracking server with basic auth",
+    "MLFLOW_TRACKING_TOKEN": "only for a tracking server with token auth",
 }
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
