@@ -16,6 +16,17 @@ import pytest
 from tests.s3_server import S3Server, start_s3_server
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Two shared cores: one intra-op thread is several times faster than two fighting ones."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def ray_4_cpus() -> Iterator[None]:
     import ray

@@ -45,12 +45,7 @@ RESIZE = ResizeConfig(train_min_sizes=(96,), test_min_size=96, max_size=160)
 MODEL_CFG = model_config("tiny", CATEGORIES.num_classes)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
