@@ -34,6 +34,7 @@ OPTIONAL_VARS = {
     "AWS_DEFAULT_REGION": "a fallback for AWS_REGION",
     "AWS_SESSION_TOKEN": "only for temporary credentials",
     "AWS_MAX_ATTEMPTS": "defaults to 3",
+    "AWS_EC2_METADATA_DISABLED": "set by jobs/local_s3.py for the local moto server only (no instance metadata)",
     # MLflow's own variables, forwarded by `dhrcnn submit` when set on the submitting machine
     "MLFLOW_EXPERIMENT_NAME": "defaults to tracking.experiment_name",
     "MLFLOW_REGISTRY_URI": "defaults to the tracking URI",

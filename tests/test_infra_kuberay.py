@@ -1,8 +1,9 @@
-"""Offline checks of ``infra/kuberay``: the manifests against the CRDs in ``../shared/schemas/kuberay/`` (or
-``$DH_KUBERAY_SCHEMAS``) made strict, so that an unknown (misspelt) field is an error rather than silently
-pruned by the API server; then the rules a schema cannot express (CPU-less head, GPU limits, /dev/shm,
-settings from the ConfigMap/Secret, the same pod templates in the RayCluster and the RayJob), and every
-AWS_*/MLFLOW_* variable the pipeline reads provided by the ConfigMap/Secret or listed as optional.
+"""Offline checks of ``infra/kuberay``: the manifests against the KubeRay CRDs vendored in
+``tests/fixtures/kuberay/`` (or ``$DH_KUBERAY_SCHEMAS``, a folder holding the same two files) made strict, so
+that an unknown (misspelt) field is an error rather than silently pruned by the API server; then the rules a
+schema cannot express (CPU-less head, GPU limits, /dev/shm, settings from the ConfigMap/Secret, the same pod
+templates in the RayCluster and the RayJob), and every AWS_*/MLFLOW_* variable the pipeline reads provided by
+the ConfigMap/Secret or listed as optional.
 
 Each rule set is a function returning a list of problems, so that the negative tests show it catches the
 mistakes it is meant to catch."""
@@ -75,12 +76,11 @@ def test_every_variable_the_pipeline_reads_is_provided_or_optional() -> None:
 
 
 def kuberay_schema_dir() -> Path:
-    """``$DH_KUBERAY_SCHEMAS``, else ``<repo>/../shared/schemas/kuberay``; missing is an error, not a skip."""
-    configured = os.environ.get("DH_KUBERAY_SCHEMAS")
-    where = Path(configured) if configured else ROOT.parent / "shared" / "schemas" / "kuberay"
+    """``$DH_KUBERAY_SCHEMAS``, else ``<repo>/tests/fixtures/kuberay``; missing is an error, not a skip."""
+    where = Path(os.environ.get("DH_KUBERAY_SCHEMAS") or ROOT / "tests" / "fixtures" / "kuberay")
     missing = [name for name in ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml") if not (where / name).is_file()]
     if missing:
-        pytest.fail(f"KubeRay CRD schemas {missing} not found in {where}: set DH_KUBERAY_SCHEMAS to their folder")
+        pytest.fail(f"KubeRay CRD schemas {missing} not found in {where} (set DH_KUBERAY_SCHEMAS to their folder)")
     return where
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torchvision
 
+from jobs import cli
 from model import build_detector
 from model.backbone import build_backbone
 from model.checkpoint import load_model, save_model
 from model.config import model_config
 from model.mmdet_import import MMDetImportError, convert_state_dict, infer_config, load_mmdet_checkpoint
-from tests.mmdet_fixtures import REPO, fixture_files, load
+from tests.mmdet_fixtures import assert_same_detections, fixture_files, load_detector, num_classes
+from tests.test_parity_detector import DET_BOX_ATOL, DET_SCORE_ATOL
 
 
 def test_imagenet_backbone_weights_from_local_file(tmp_path):
@@ -43,40 +42,45 @@ def test_backbone_weights_of_wrong_depth(tmp_path):
 
 @pytest.fixture(scope="module")
 def mmdet_checkpoint(tmp_path_factory):
-    """The r18 fixture's weights wrapped like an mmdet checkpoint file (``meta`` + ``state_dict``)."""
-    fx = load(fixture_files("detector_*.pt")[0])
-    path = tmp_path_factory.mktemp("mmdet") / "dh_r18.pth"
-    torch.save({"meta": {"epoch": 12, "CLASSES": ("a", "b", "c")}, "state_dict": fx["state_dict"]}, path)
-    return path, fx
+    """A detector fixture's weights wrapped like an mmdet checkpoint file (``meta`` + ``state_dict``), with one
+    made-up class name per class of the fixture's config."""
+    fx = load_detector(fixture_files("detector_*.pt")[0])
+    names = tuple(f"class_{i}" for i in range(num_classes(fx)))
+    path = tmp_path_factory.mktemp("mmdet") / "dh.pth"
+    torch.save({"meta": {"epoch": 12, "CLASSES": names}, "state_dict": fx["state_dict"]}, path)
+    return path, fx, names
 
 
 def test_infer_config_from_state_dict(mmdet_checkpoint):
-    path, _ = mmdet_checkpoint
+    path, fx, names = mmdet_checkpoint
     state, meta = load_mmdet_checkpoint(path)
     cfg = infer_config(state)
-    assert (cfg.backbone.depth, cfg.fpn.out_channels, cfg.num_classes) == (18, 64, 3)
-    assert (cfg.roi_head.conv_channels, cfg.roi_head.fc_channels, cfg.roi_head.num_conv_blocks) == (128, 256, 4)
-    assert meta["CLASSES"] == ("a", "b", "c")
-
-
-def test_import_mmdet_cli_roundtrip(mmdet_checkpoint, tmp_path):
-    path, fx = mmdet_checkpoint
-    out = tmp_path / "imported.pt"
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "import-mmdet", str(path), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    mm = fx["model_config"]
+    head = mm["roi_head"]["bbox_head"]
+    assert (cfg.backbone.depth, cfg.fpn.out_channels, cfg.num_classes) == (
+        mm["backbone"]["depth"],
+        mm["neck"]["out_channels"],
+        head["num_classes"],
     )
-    assert result.returncode == 0, result.stderr
-    assert "ResNet-18, 3 classes" in result.stdout
+    assert (cfg.roi_head.conv_channels, cfg.roi_head.fc_channels, cfg.roi_head.num_conv_blocks) == (
+        head["conv_out_channels"],
+        head["fc_out_channels"],
+        head["num_convs"],
+    )
+    assert meta["CLASSES"] == names
+
+
+def test_import_mmdet_cli_roundtrip(mmdet_checkpoint, tmp_path, capsys):
+    path, fx, names = mmdet_checkpoint
+    out = tmp_path / "imported.pt"
+    assert cli.main(["import-mmdet", str(path), "--out", str(out)]) == 0  # `dhrcnn import-mmdet`, in process
+    assert f"ResNet-{fx['model_config']['backbone']['depth']}, {len(names)} classes" in capsys.readouterr().out
     model, _, meta = load_model(out)
-    assert meta["class_names"] == ["a", "b", "c"]
-    model.roi_heads.score_thresh = 0.0  # the fixture's test_cfg
+    assert meta["class_names"] == list(names)
+    model.roi_heads.score_thresh = fx["test_cfg"]["rcnn"]["score_thr"]
     with torch.no_grad():
         dets = model([fx["image_raw"][[2, 1, 0]]])[0]
-    torch.testing.assert_close(dets["scores"], fx["det_scores"], rtol=0, atol=1e-5)
+    assert_same_detections(dets, fx, DET_BOX_ATOL, DET_SCORE_ATOL)
 
 
 def test_import_rejects_foreign_checkpoints(tmp_path):
