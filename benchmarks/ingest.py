@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(_measure_torch(args.uri, args.workers, args.batch_size)))
         return 0
 
-    from tests.s3_server import start_s3_server
+    from jobs.local_s3 import start_s3_server
 
     t0 = time.perf_counter()
-    server = start_s3_server()
+    server = start_s3_server(enforce_auth=True)  # requests signed and checked, as on AWS
     try:
         os.environ.update(server.env)
         datasets = _prepare_datasets(server.create_bucket(), sorted(set(args.images)), args)

@@ -26,11 +26,14 @@ import contextlib
 import io
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+_PYCOCOTOOLS = threading.Lock()  # one evaluation at a time in a process: see _pycocotools_silenced
 
 # pycocotools' ``COCOeval.stats``, in its order.
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -104,14 +107,41 @@ class CocoMetrics:
 
     def summary(self) -> str:
         """The 12 numbers as ``COCOeval.summarize`` prints them, one per line."""
-        lines = []
-        for name, (kind, iou, area, max_dets) in zip(STAT_NAMES, _SUMMARY_ROWS, strict=True):
-            title = "Average Precision" if kind == "AP" else "Average Recall"
-            lines.append(
-                f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = "
-                f"{self.stats[name]:0.3f}"
-            )
-        return "\n".join(lines)
+        return summary_table(self.stats)
+
+
+def summary_table(stats: Mapping[str, float]) -> str:
+    """The 12 numbers of ``stats`` (keys :data:`STAT_NAMES`) as ``COCOeval.summarize`` prints them, one per line."""
+    lines = []
+    for name, (kind, iou, area, max_dets) in zip(STAT_NAMES, _SUMMARY_ROWS, strict=True):
+        title = "Average Precision" if kind == "AP" else "Average Recall"
+        lines.append(
+            f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {stats[name]:0.3f}"
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _pycocotools_silenced() -> Iterator[None]:
+    """pycocotools reports every step with ``print``. ``redirect_stdout`` catches that in a plain process, but
+    in a Ray Train worker ``builtins.print`` is Ray Train's, which logs each call to the root logger whatever
+    ``sys.stdout`` is; a module-level ``print`` in pycocotools' two modules shadows the builtin for the block."""
+    import pycocotools.coco
+    import pycocotools.cocoeval
+
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    with _PYCOCOTOOLS, contextlib.redirect_stdout(io.StringIO()):
+        for module in modules:
+            module.print = _discard  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.print  # type: ignore[attr-defined]
+
+
+def _discard(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def evaluate_coco(
@@ -147,7 +177,7 @@ def evaluate_coco(
     eval_ids = _checked_image_ids(image_ids, img_ids)
     names = _class_names(class_names, gt_data["categories"], cat_ids)
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _pycocotools_silenced():
         coco_gt = COCO()
         coco_gt.dataset = gt_data
         coco_gt.createIndex()

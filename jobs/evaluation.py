@@ -25,7 +25,8 @@ METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"
 
 
 class Evaluator:
-    """``run(model, shard, step) -> {"val/AP": ..., ...}`` on every rank (collective: all ranks call it)."""
+    """``run(model, shard, step) -> {"val/AP": ..., ...}`` on every rank (collective: all ranks call it). With a
+    ``board`` (:class:`jobs.progress.ProgressBoard`) every rank posts its progress there, rank 0 the result."""
 
     def __init__(
         self,
@@ -38,9 +39,11 @@ class Evaluator:
         device,
         amp,
         picture_path: str | None = None,
+        board=None,
     ):
         self.job, self.categories, self.coco_gt_ref, self.tracker = job, categories, coco_gt_ref, tracker
         self.rank, self.device, self.amp, self.picture_path = rank, device, amp, picture_path
+        self.board = board
 
     def due(self, epoch: int) -> bool:
         every = self.job.train.eval_every_epochs
@@ -60,6 +63,7 @@ class Evaluator:
             max_images=None if limit is None else math.ceil(limit / world),
             amp_dtype=self.amp,
             samples=samples if self.rank == 0 else None,
+            on_batch=None if self.board is None else lambda n: self._post("eval", step=step, images=n),
         )
         gathered: list[Any] = [None] * world
         if world > 1:
@@ -71,9 +75,14 @@ class Evaluator:
             all_dets = [d for dets, _ in gathered for d in dets]
             all_ids = sorted({i for _, ids in gathered for i in ids})
             stats[0] = self._score_and_log(all_dets, all_ids, samples, step)
+            self._post("eval_done", step=step, AP=stats[0]["val/AP"], AP50=stats[0]["val/AP50"])
         if world > 1:
             dist.broadcast_object_list(stats, src=0)
         return stats[0]
+
+    def _post(self, phase: str, **values: Any) -> None:
+        if self.board is not None:
+            self.board.post.remote({"phase": phase, **values})
 
     def _score_and_log(self, detections: list[dict], image_ids: list[int], samples: list[tuple], step: int) -> dict:
         gt = ray.get(self.coco_gt_ref) if isinstance(self.coco_gt_ref, ray.ObjectRef) else self.coco_gt_ref

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ def predict_coco(
     amp_dtype: torch.dtype | None = None,
     samples: list[tuple] | None = None,
     num_samples: int = 8,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Run ``model`` (eval mode) over collated evaluation batches.
 
@@ -31,6 +32,7 @@ def predict_coco(
     the ids of the images processed. ``batches`` is always consumed to the end (Ray Data shards must be);
     images beyond ``max_images`` are skipped. If ``samples`` is a list, the first ``num_samples`` images are
     appended to it as ``(HWC uint8 image, (gt boxes, gt labels), (boxes, scores, labels))`` in resized pixels.
+    ``on_batch(n)`` is called after each batch with the number of images it held (progress).
     """
     was_training = model.training
     model.eval()
@@ -57,5 +59,7 @@ def predict_coco(
             results.extend(
                 detections_to_coco(image_id, boxes, out["scores"].cpu(), out["labels"].cpu(), categories.category_id_of)
             )
+        if on_batch is not None:
+            on_batch(len(images))
     model.train(was_training)
     return results, image_ids

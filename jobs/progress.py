@@ -1,27 +1,65 @@
-"""Step timing and progress lines: images/s, the fraction of time spent waiting for data, loss terms, LR, ETA.
+"""Step timing and progress: images/s, the fraction of time spent waiting for data, loss terms, LR, ETA.
 
-Only rank 0 prints; Ray forwards the worker's stdout to the driver's console, prefixed with the worker id.
+Only rank 0 prints its progress lines, to its own stdout: the worker's log file (and the driver's console with
+``--verbose``, where Ray forwards worker output). The driver's progress bars (:mod:`jobs.console`) are fed by
+events that the workers post to a :class:`ProgressBoard` actor.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 import time
+from typing import Any
 
+import ray
 import torch
 
 from jobs.checkpoint import Progress
 from jobs.config import TrainConfig
 
 
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """The driver's inbox of progress events (dicts with a ``phase``), posted by the workers with
+    ``board.post.remote(event)`` and taken by the driver in order:
+
+    * ``{"phase": "train", "iteration", "total", "epoch", "epochs", "loss"}`` (rank 0; loss smoothed),
+    * ``{"phase": "eval", "step", "images"}`` (every rank, per batch: images just evaluated),
+    * ``{"phase": "eval_done", "step", "AP", "AP50"}`` (rank 0).
+    """
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+
+    def post(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+
+    def take(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
+
+
 class StepMeter:
     """``start_epoch`` / ``data_ready`` (the batch arrived) / ``step`` (the step finished) -> metrics every
-    ``log_every_iters`` iterations (averages over the interval), else ``{}``."""
+    ``log_every_iters`` iterations (averages over the interval), else ``{}``. With a ``board``
+    (:class:`ProgressBoard`), rank 0 also posts its progress there at most every ``post_every_s`` seconds."""
 
-    def __init__(self, cfg: TrainConfig, iters_per_epoch: int, total_batch: int, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        iters_per_epoch: int,
+        total_batch: int,
+        enabled: bool = True,
+        board: Any = None,
+        post_every_s: float = 1.0,
+    ) -> None:
         self.cfg, self.iters_per_epoch, self.total_batch, self.enabled = cfg, iters_per_epoch, total_batch, enabled
         self.total_iters = cfg.epochs * iters_per_epoch
+        self.board, self.post_every_s = board if enabled else None, post_every_s
+        self._posted = 0.0
+        self._loss: float | None = None  # exponential moving average, for the progress bar
         self._reset()
         self._last = time.perf_counter()
         self.epoch = 0
@@ -50,6 +88,7 @@ class StepMeter:
         self.count += 1
         for key, value in {**losses, "loss": total}.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self._post(progress.iteration, float(total.detach()), now)
         if progress.iteration % self.cfg.log_every_iters and progress.iteration != self.total_iters:
             return {}
         elapsed = self.wait + self.busy
@@ -70,6 +109,18 @@ class StepMeter:
             )
         self._reset()
         return metrics
+
+    def _post(self, iteration: int, loss: float, now: float) -> None:
+        if math.isfinite(loss):
+            self._loss = loss if self._loss is None else 0.9 * self._loss + 0.1 * loss
+        last = iteration == self.total_iters
+        if self.board is None or (now - self._posted < self.post_every_s and not last):
+            return
+        self._posted = now
+        loss = float("nan") if self._loss is None else self._loss
+        event = {"phase": "train", "iteration": iteration, "total": self.total_iters}
+        event |= {"epoch": self.epoch + 1, "epochs": self.cfg.epochs, "loss": loss}
+        self.board.post.remote(event)
 
 
 def console(line: str) -> None:

@@ -1,7 +1,9 @@
-"""The trained detector as an MLflow pyfunc: code plus a state dict, never a pickled module.
+"""The trained detector as an MLflow pyfunc: code plus a state dict, nothing pickled.
 
 What is logged (:func:`log_detector`):
 
+* ``pyfunc_entry.py``: MLflow's "model from code" file (:mod:`jobs.pyfunc_entry`), which builds the
+  :class:`DetectorModel` at load time instead of unpickling one (no cloudpickle, nothing that runs on unpickling).
 * ``artifacts/weights.pt``: ``torch.save`` of a plain ``{name: tensor}`` state dict, loaded back with
   ``torch.load(weights_only=True)``.
 * ``artifacts/detector.json``: ``{"format", "model_config", "categories", "preprocessing", "metrics",
@@ -60,7 +62,8 @@ from pipeline.transforms import ResizeConfig, eval_transform
 CHAMPION = "champion"
 OUTPUT_COLUMNS = ("boxes", "scores", "labels", "category_ids", "category_names")
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pandas", "pyyaml", "cloudpickle", "mlflow")
+_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pandas", "pyyaml", "mlflow")
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # the model-from-code file, see jobs/pyfunc_entry.py
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,9 @@ def _input_images(model_input: Any) -> list[Any]:
 
 
 class DetectorModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc: built in :meth:`load_context` from ``detector.json`` and ``weights.pt``; holds no state when
-    pickled. After loading: ``detector`` (the torch module, eval mode), ``categories``, ``resize``, ``spec``.
+    """The pyfunc: created by :mod:`jobs.pyfunc_entry` (MLflow's model from code), built in :meth:`load_context`
+    from ``detector.json`` and ``weights.pt``. After loading: ``detector`` (the torch module, eval mode),
+    ``categories``, ``resize``, ``spec``.
 
     It runs on the GPU when one is visible; :meth:`to` moves it.
     """
@@ -289,7 +293,7 @@ def log_detector(
             flavor=mlflow.pyfunc,
             run_id=run_id,
             model_id=logged.model_id,
-            python_model=DetectorModel(),
+            python_model=str(ENTRY_FILE),  # model from code: MLflow runs the file, nothing is pickled
             artifacts=artifacts,
             code_paths=[str(Path(tmp) / "code" / p) for p in ("model", "pipeline", "jobs")],
             pip_requirements=pip_requirements(),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import JobConfig, resolve_job_config
+from jobs.console import PhaseBar, RayConsole, is_tty
 from model.typed_config import ConfigError, parse_dotted
 from pipeline.prepare import PrepareOptions, prepare_coco
 from pipeline.storage import StorageConfig, join
@@ -83,29 +84,45 @@ class QuickstartResult:
     run_uri: str
     model_uri: str
     picture: str
+    metrics: dict[str, Any]  # the training job's last report: val/AP ... val/ARl, run_uri, model_uri
 
 
 def run_quickstart(
-    workdir: str, storage: StorageConfig, tracking_uri: str | None, overrides: list[str] | None = None
+    workdir: str,
+    storage: StorageConfig,
+    tracking_uri: str | None,
+    overrides: list[str] | None = None,
+    console: RayConsole | None = None,
 ) -> QuickstartResult:
+    """Data, training, evaluation, registration. ``console`` (:func:`jobs.console.ray_console`): progress
+    bars for the data, training and evaluation phases, Ray's output per its verbosity (``None``: Ray's)."""
     from jobs.train import ensure_ray, run_training
 
     synth, job_overrides = split_overrides(list(overrides or []))
-    ensure_ray(num_cpus=max(2, os.cpu_count() or 2))
+    ensure_ray(num_cpus=max(2, os.cpu_count() or 2), console=console)
     data_root = join(workdir, "synth")
-    write_synth(data_root, SynthConfig(**synth), storage)
+    config = SynthConfig(**synth)
+    bar = None
+    if console is not None:  # rendering, then preparing each image
+        bar = PhaseBar("data", 2 * config.num_images, "img", tty=is_tty() and not console.verbose)
+    summaries = write_synth(data_root, config, storage, on_image=bar.update_to if bar is not None else None)
     manifest = None
-    for split in ("train", "val"):
+    for summary in summaries:
         result = prepare_coco(
-            join(data_root, "annotations", f"instances_{split}.json"),
-            join(data_root, "images", split),
-            join(workdir, "parquet", split),
+            summary.annotations_uri,
+            summary.images_uri,
+            join(workdir, "parquet", summary.split),
             PrepareOptions(rows_per_shard=64, overwrite=True),  # the dataset may differ from the last run's
             storage,
         )
         manifest = result.manifest
+        if bar is not None:
+            bar.update_to(bar.n + summary.num_images, f"{summary.split} prepared")
+    if bar is not None:
+        bar.close("Parquet written")
     job = quickstart_config(workdir, storage, manifest.categories.num_classes, tracking_uri, job_overrides)
     picture = str(Path("dhrcnn_quickstart_predictions.png").resolve())
-    result = run_training(job, threads_per_worker=1, picture_path=picture)
+    result = run_training(job, threads_per_worker=1, picture_path=picture, console=console)
     m = result.metrics
-    return QuickstartResult(float(m.get("val/AP", -1.0)), m.get("run_uri", ""), m.get("model_uri", ""), picture)
+    ap = float(m.get("val/AP", -1.0))
+    return QuickstartResult(ap, m.get("run_uri", ""), m.get("model_uri", ""), picture, dict(m))

@@ -7,17 +7,22 @@ checkpoint (Ray Train V2 restores from the run's storage) and continues the same
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, UserCallback
+from ray.data import DataContext, ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.config import JobConfig
+from jobs.console import RayConsole, follow_progress, is_tty
 from jobs.datasets import dataset_info, source_of
+from jobs.progress import ProgressBoard
 from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_tags
 from jobs.train_loop import num_iters_per_epoch, train_worker
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
@@ -38,7 +43,15 @@ class SplitDataConfig(DataConfig):
     that every evaluation image is scored exactly once (``equal=True`` would drop the remainder)."""
 
     def __init__(self) -> None:
-        super().__init__(datasets_to_split=["train"])
+        # The driver's DataContext options, passed explicitly: Ray Train's default copies them, the deprecated
+        # exclude_resources included, and Ray Data then warns about it on every run.
+        current = DataContext.get_current().execution_options
+        options = ExecutionOptions(
+            resource_limits=current.resource_limits,
+            preserve_order=current.preserve_order,
+            verbose_progress=current.verbose_progress,
+        )
+        super().__init__(datasets_to_split=["train"], execution_options=options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         train_only = {k: v for k, v in datasets.items() if k != "val"}
@@ -51,15 +64,35 @@ class SplitDataConfig(DataConfig):
         return output
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` if set (a cluster, or a job submitted to one); else start a local Ray."""
+def ensure_ray(num_cpus: int | None = None, *, console: RayConsole | None = None) -> None:
+    """Join ``RAY_ADDRESS`` if set (a cluster, or a job submitted to one); else start a local Ray.
+
+    ``console`` (:func:`jobs.console.ray_console`): what Ray prints here; unless verbose, the workers' output
+    stays in the session's log files and one line says where. ``None``: Ray's defaults (worker logs forwarded).
+    """
     if ray.is_initialized():
         return
+    kwargs = console.init_kwargs if console is not None else {"log_to_driver": True}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        context = ray.init(**kwargs)
+        where = f"Ray cluster at {context.address_info.get('gcs_address', os.environ['RAY_ADDRESS'])}"
     else:
         # the dashboard serves the State API that Ray Train's placement-group cleaner polls (else it warns)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)
+        if num_cpus != 0:
+            _wait_for_available_cpus()
+        where = f"local Ray, {ray.cluster_resources().get('CPU', 0):g} CPUs"
+    if console is not None and not console.verbose:
+        dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
+        print(f"{where}{dashboard}; Ray's logs: {context.address_info['session_dir']}/logs", flush=True)
+
+
+def _wait_for_available_cpus(timeout_s: float = 30.0) -> None:
+    """A new local Ray reports its node's resources a moment after ``ray.init`` returns (seconds on a loaded
+    machine); a Dataset executed before that sees no available CPU, and Ray Data warns that it will hang."""
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def run_training(
@@ -69,11 +102,14 @@ def run_training(
     picture_path: str | None = None,
     callbacks: Sequence[UserCallback] = (),
     parent_run_id: str | None = None,
+    console: RayConsole | None = None,
 ) -> TrainResult:
     """Run (or resume) ``job`` to completion on the current Ray cluster. ``picture_path``: also write the
     latest validation picture there (a path on the node of worker 0, e.g. for a local run). ``callbacks``:
     Ray Train callbacks of the run (e.g. Tune's ``TuneReportCallback`` in a sweep's trial).
-    ``parent_run_id``: the job's MLflow run is created nested under that run (a sweep's)."""
+    ``parent_run_id``: the job's MLflow run is created nested under that run (a sweep's). ``console``: draw
+    training and evaluation progress bars here, Ray Train's INFO logs only to its files unless verbose
+    (``None``: no bars, Ray Train's defaults)."""
     storage = job.data.storage
     train_info = dataset_info(job.data.train, storage)
     val_info = dataset_info(job.data.val, storage) if job.data.val is not None else None
@@ -98,6 +134,9 @@ def run_training(
         loop_config["picture_path"] = os.path.abspath(picture_path)
     if threads_per_worker:
         loop_config["threads_per_worker"] = threads_per_worker
+    board = ProgressBoard.remote() if console is not None else None
+    if board is not None:
+        loop_config["progress_board"] = board
     filesystem, storage_path = run_storage(job.run.storage_path, storage)
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
@@ -115,6 +154,7 @@ def run_training(
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=job.run.max_failures),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level=console.train_log_level) if console is not None else None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=job.train.keep_best, checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
             ),
@@ -128,7 +168,14 @@ def run_training(
         f"{job.train.epochs} epochs; MLflow run {run_id}",
         flush=True,
     )
-    result = trainer.fit()
+    eval_images = 0 if val_info is None else min(val_info.num_images, job.train.eval_max_images or val_info.num_images)
+    tty = console is not None and not console.verbose and is_tty()
+    try:
+        with follow_progress(board, eval_images=eval_images, tty=tty) if board is not None else nullcontext():
+            result = trainer.fit()
+    finally:
+        if board is not None:
+            ray.kill(board)
     path = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(dict(result.metrics or {}), path, run_id)
 

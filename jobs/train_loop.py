@@ -73,8 +73,9 @@ def train_worker(config: dict[str, Any]) -> None:
         device=device,
         amp=amp_dtype,
         picture_path=config.get("picture_path"),
+        board=config.get("progress_board"),
     )
-    meter = StepMeter(job.train, iters_per_epoch, total_batch, enabled=rank == 0)
+    meter = StepMeter(job.train, iters_per_epoch, total_batch, enabled=rank == 0, board=config.get("progress_board"))
     train_shard = ray.train.get_dataset_shard("train")
     metrics: dict[str, float] = {}
 

@@ -25,6 +25,7 @@ import io
 import json
 import math
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -157,13 +158,16 @@ def write_synth(
     storage_config: storage.StorageConfig | None = None,
     *,
     io_threads: int = 8,
+    on_image: Callable[[int], None] | None = None,
 ) -> list[SplitSummary]:
     """Render and write the dataset under ``out_uri`` (layout in the module docstring); one summary per split.
 
-    Rendering runs on this thread; uploads overlap with it on ``io_threads`` threads.
+    Rendering runs on this thread; uploads overlap with it on ``io_threads`` threads. ``on_image(n)`` is called
+    after each image is rendered with the number rendered so far (progress).
     """
     fs, _ = storage.resolve(out_uri, storage_config)
     next_ann_id = 1
+    rendered = 0
     summaries = []
     for split, indices in split_indices(config).items():
         if not indices:
@@ -196,6 +200,9 @@ def write_synth(
                 pending.append(pool.submit(storage.write_bytes, uri, data, storage_config, filesystem=fs))
                 while len(pending) > 4 * io_threads:
                     pending.popleft().result()
+                rendered += 1
+                if on_image is not None:
+                    on_image(rendered)
             for fut in pending:
                 fut.result()
         annotations_uri = storage.join(out_uri, "annotations", f"instances_{split}.json")

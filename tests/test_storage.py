@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from jobs.local_s3 import S3Server, free_port
 from pipeline import storage
 from pipeline.storage import (
     BucketNotFoundError,
@@ -23,7 +24,6 @@ from pipeline.storage import (
     StorageError,
     StorageUnreachableError,
 )
-from tests.s3_server import S3Server, free_port
 
 
 @pytest.fixture(params=["local", "s3"])

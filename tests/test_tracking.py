@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from jobs.local_s3 import S3Server, free_port
 from jobs.pyfunc_model import CHAMPION, load_detector, log_detector, torch_detector, unwrap
 from jobs.registry import RegistryError, list_models, promote, pull
 from jobs.tracking import (
@@ -45,7 +47,6 @@ from model.config import model_config
 from pipeline.categories import CategoryMap
 from pipeline.decode import decode_image
 from pipeline.transforms import ResizeConfig, eval_transform
-from tests.s3_server import S3Server, free_port
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 CATEGORIES = CategoryMap.from_pairs([(1, "circle"), (3, "square"), (7, "triangle")])
@@ -257,6 +258,10 @@ def test_pyfunc_round_trip_champion_and_registry(
     assert promote(name, 3, "staging", tracking_uri=sqlite_cfg.tracking_uri).aliases == ("champion", "staging")
 
     folder = pull(f"models:/{name}@staging", tmp_path / "pulled", tracking_uri=sqlite_cfg.tracking_uri)
+    # a model from code: MLflow runs pyfunc_entry.py to build it; nothing pickled (no python_model.pkl)
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("pyfunc_entry.py") and (folder / "pyfunc_entry.py").is_file()
+    assert "python_model" not in flavor and not list(folder.rglob("*.pkl"))
     spec = json.loads((folder / "artifacts" / "detector.json").read_text())
     assert spec["categories"] == CATEGORIES.to_dict() and spec["metrics"]["val/AP"] == 0.5
     assert spec["preprocessing"]["resize"]["test_min_size"] == RESIZE.test_min_size

@@ -6,7 +6,7 @@
     dhrcnn synth --out s3://dhrcnn/shapes --images 200 --seed 0
 
 The server keeps everything in memory and accepts any credentials (a development server bound to
-127.0.0.1). Stop it with Ctrl-C. Requires the project installed with its ``test`` extra (``moto[server]``).
+127.0.0.1). Stop it with Ctrl-C. ``moto[server]`` comes with the project's installation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import signal
 import sys
 
-from jobs.local_s3 import start_local_s3
+from jobs.local_s3 import start_s3_server
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=9000, help="port (default 9000)")
     parser.add_argument("--bucket", action="append", default=None, help="bucket to create (repeatable; default dhrcnn)")
     args = parser.parse_args()
-    server = start_local_s3(args.port, args.host)
+    server = start_s3_server(args.port, host=args.host)
     try:
         for bucket in args.bucket or ["dhrcnn"]:
             print(f"created bucket {server.create_bucket(bucket)}", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""``dhrcnn train --config FILE [key=value ...] [--dry-run]``: the training job on Ray Train."""
+"""``dhrcnn train --config FILE [key=value ...] [--dry-run] [--verbose]``: the training job on Ray Train.
+
+Prints the training and evaluation progress bars and the results (box AP table, MLflow run, model, checkpoint);
+Ray's own output (worker logs, Ray Data's progress bars) stays in the Ray session's log files unless
+``--verbose``."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 scaling.num_workers=2")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (ignored with RAY_ADDRESS)")
+    parser.add_argument("--verbose", action="store_true", help="also print Ray's logs and Ray Data's progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,10 +26,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(yaml.safe_dump(job.to_dict(), sort_keys=False))
         return 0
+    from jobs.console import ray_console, results_text
     from jobs.train import ensure_ray, run_training
 
-    ensure_ray(args.num_cpus)
-    result = run_training(job)
-    summary = {k: result.metrics[k] for k in ("val/AP", "model_uri", "run_uri") if k in result.metrics}
-    print(f"done: {summary} checkpoint {result.checkpoint_path}")
+    console = ray_console(args.verbose)
+    ensure_ray(args.num_cpus, console=console)
+    result = run_training(job, console=console)
+    ap = result.metrics.get("val/AP")
+    print(results_text(result.metrics, title=f"box AP ({job.run.name}): {ap:.3f}" if ap is not None else ""))
+    print(f"checkpoint:   {result.checkpoint_path}")
     return 0
