@@ -1,19 +1,24 @@
 """Shared fixtures.
 
-S3 (self-contained): ``s3_server`` is one real moto S3 server per session (see ``tests/s3_server.py``);
-``s3_env`` points the standard AWS variables at it for one test; ``s3_bucket`` is a fresh bucket URI.
+S3 (self-contained): ``s3_server`` is one real moto S3 server per session with authentication enforced (the
+project's launcher, ``jobs/local_s3.py``); ``s3_env`` points the standard AWS variables at it for one test;
+``s3_bucket`` is a fresh bucket URI.
 Ray workers inherit the environment at ``ray.init`` time: set the server's ``env`` before starting Ray.
-Ray: ``ray_4_cpus`` is a local Ray of 4 logical CPUs for one test module (Ray Train workers + Ray Data tasks
-on a 2-core machine).
+Ray: ``ray_cluster`` is one local Ray of 4 logical CPUs (Ray Train workers + Ray Data tasks on a 2-core
+machine) for the whole session, started at its first use with the AWS variables of ``s3_server`` in the
+environment: Ray's workers inherit them at ``ray.init``, and they stay set in this process until the session
+ends, so that driver-side code and workers reach the same server. ``synth_dataset`` is one small prepared
+synthetic dataset (15 images: 12 train, 3 val) shared by the training and tuning tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.s3_server import S3Server, start_s3_server
+from jobs.local_s3 import S3Server, start_s3_server
 
 
 @pytest.fixture
@@ -27,18 +32,27 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def ray_4_cpus() -> Iterator[None]:
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> Iterator[S3Server]:
+    """One local Ray for every test that needs one (starting Ray costs 5-10 s on 2 cores)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            env.delenv(name, raising=False)
+        for name, value in s3_server.env.items():
+            env.setenv(name, value)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            yield s3_server
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    server = start_s3_server()
+    server = start_s3_server(enforce_auth=True)
     try:
         yield server
     finally:
@@ -59,3 +73,11 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def s3_bucket(s3_env: S3Server) -> str:
     """A new, empty bucket on ``s3_server`` (``s3://test-<random>``), with ``s3_env`` active."""
     return s3_env.create_bucket()
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory, ray_cluster: S3Server) -> Path:
+    """``<root>/parquet/{train,val}``: 15 synthetic 128x96 images, prepared once per session."""
+    from tests.synthetic_data import prepared_synth
+
+    return prepared_synth(tmp_path_factory.mktemp("synth"), 15)

@@ -33,6 +33,7 @@ def synthetic_batch(seed: int = 0):
     return images, targets
 
 
+@pytest.mark.slow  # 150 training steps: about 100 s of CPU
 @pytest.mark.timeout(900)
 def test_tiny_preset_overfits_a_handful_of_images():
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 """``dhrcnn models`` and ``dhrcnn predict`` (jobs/commands/models.py, jobs/predict.py), through the CLI in-process.
 
 A sqlite MLflow store holds two versions of a seeded ``tiny`` detector with random weights (boxes arbitrary but
-deterministic: all a parity check needs). One local Ray (2 CPUs) serves the module; the AWS variables point at
-the moto S3 server before it starts, so that the actors reach the bucket.
+deterministic: all a parity check needs). The session's local Ray (``ray_cluster``) runs the actors, with the AWS
+variables pointed at the moto S3 server before it started, so that they reach the bucket.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -19,12 +18,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
 from jobs.cli import main
 from jobs.config import DatasetSpec
+from jobs.local_s3 import free_port
 from jobs.model_eval import evaluate_model, load_for_eval
 from jobs.predict import OUTPUT_SCHEMA
 from jobs.pyfunc_model import detect_image
@@ -37,7 +36,6 @@ from pipeline.decode import decode_image
 from pipeline.storage import StorageConfig, list_files, read_bytes
 from pipeline.synth import SHAPE_CLASSES, SynthConfig, write_synth
 from pipeline.transforms import ResizeConfig
-from tests.s3_server import S3Server, free_port
 
 NAME = "dh-predict"
 CATEGORIES = CategoryMap.from_pairs([(c.category_id, c.name) for c in SHAPE_CLASSES])
@@ -46,18 +44,6 @@ MODEL_CFG = model_config("tiny", CATEGORIES.num_classes)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server: S3Server) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in s3_server.env.items():
-            env.setenv(name, value)
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
 
 
 def _detector(seed: int) -> torch.nn.Module:
@@ -116,7 +102,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 @pytest.mark.timeout(240)
 def test_registry_list_promote_pull_and_predict(
-    ray_local: None, store: tuple[str, dict[str, torch.nn.Module]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_cluster: None, store: tuple[str, dict[str, torch.nn.Module]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uri, detectors = store
     code, out, _ = _run(capsys, "models", "list", "--tracking-uri", uri)
@@ -193,7 +179,7 @@ def test_registry_list_promote_pull_and_predict(
 
 @pytest.mark.timeout(180)
 def test_predict_on_s3_scores_like_the_training_evaluation(
-    ray_local: None, store: tuple[str, dict[str, torch.nn.Module]], s3_bucket: str, capsys: pytest.CaptureFixture[str]
+    ray_cluster: None, store: tuple[str, dict[str, torch.nn.Module]], s3_bucket: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uri, _ = store
     # One image size (no padding differences between the evaluation's batches and single images); objects of
@@ -238,13 +224,17 @@ def test_bad_input_gives_one_line_errors(
 ) -> None:
     uri, _ = store
 
-    class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-            return model_input
-
+    echo = tmp_path / "echo.py"  # another pyfunc, logged as a model from code like ours
+    echo.write_text(
+        "import mlflow.pyfunc\n\n"
+        "class Echo(mlflow.pyfunc.PythonModel):\n"
+        "    def predict(self, context, model_input, params=None):\n"
+        "        return model_input\n\n"
+        "mlflow.models.set_model(Echo())\n"
+    )
     experiment = mlflow.MlflowClient(uri).get_experiment_by_name("test-predict").experiment_id
     with tracking_uri_scope(uri), mlflow.start_run(experiment_id=experiment):
-        mlflow.pyfunc.log_model(name="echo", python_model=Echo(), registered_model_name="echo")
+        mlflow.pyfunc.log_model(name="echo", python_model=str(echo), registered_model_name="echo")
     mlflow.MlflowClient(uri).set_registered_model_alias("echo", "champion", "1")
 
     def fails(*argv: str) -> str:

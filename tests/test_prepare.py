@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,31 +19,16 @@ import ray.data
 from PIL import Image
 
 from jobs.cli import main
+from jobs.local_s3 import S3Server
 from pipeline import storage
 from pipeline.coco import DatasetError, load_coco
 from pipeline.fetch import check_image
 from pipeline.manifest import PARQUET_SCHEMA, read_manifest
 from pipeline.prepare import PrepareOptions, prepare_coco
 from pipeline.synth import SynthConfig, write_synth
-from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ray_s3(s3_server: S3Server) -> Iterator[S3Server]:
-    """Ray (2 local CPUs) whose workers see the S3 server's variables: they are set before ``ray.init``."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            mp.delenv(name, raising=False)
-        for name, value in s3_server.env.items():
-            mp.setenv(name, value)
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-        try:
-            yield s3_server
-        finally:
-            ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -62,8 +46,8 @@ def _source(root: str, n: int = 12, seed: int = 0) -> Source:
 
 
 @pytest.fixture(scope="module")
-def source(ray_s3: S3Server) -> Source:
-    return _source(ray_s3.create_bucket() + "/shapes")
+def source(ray_cluster: S3Server) -> Source:
+    return _source(ray_cluster.create_bucket() + "/shapes")
 
 
 def _rows(out: str) -> list[dict]:
@@ -77,8 +61,8 @@ def _rows(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["image_id"])
 
 
-def test_round_trip_rerun_and_overwrite(source: Source, ray_s3: S3Server) -> None:
-    out = ray_s3.create_bucket() + "/prepared/train"
+def test_round_trip_rerun_and_overwrite(source: Source, ray_cluster: S3Server) -> None:
+    out = ray_cluster.create_bucket() + "/prepared/train"
     result = prepare_coco(source.annotations, source.images, out, PrepareOptions(rows_per_shard=4))
     m = result.manifest
     coco = load_coco(source.annotations)
@@ -119,8 +103,8 @@ def test_round_trip_rerun_and_overwrite(source: Source, ray_s3: S3Server) -> Non
     assert storage.list_files(out) == sorted([storage.join(out, "manifest.json"), *r.shard_uris(out)])
 
 
-def test_crash_between_shards_and_manifest_leaves_no_dataset(source: Source, ray_s3: S3Server) -> None:
-    out = ray_s3.create_bucket() + "/prepared"
+def test_crash_between_shards_and_manifest_leaves_no_dataset(source: Source, ray_cluster: S3Server) -> None:
+    out = ray_cluster.create_bucket() + "/prepared"
     crash = (
         "import os, sys, ray\n"
         "import pipeline.prepare as p\n"
@@ -151,8 +135,8 @@ def test_crash_between_shards_and_manifest_leaves_no_dataset(source: Source, ray
     assert not set(leftovers) & set(result.manifest.shard_uris(out))
 
 
-def test_missing_images_fail_or_are_counted(ray_s3: S3Server) -> None:
-    bucket = ray_s3.create_bucket()
+def test_missing_images_fail_or_are_counted(ray_cluster: S3Server) -> None:
+    bucket = ray_cluster.create_bucket()
     src = _source(bucket + "/src", n=8, seed=3)
     doc = src.doc
     ghost = doc["images"][1]
@@ -168,7 +152,9 @@ def test_missing_images_fail_or_are_counted(ray_s3: S3Server) -> None:
     assert storage.list_files(out) == []
 
     # explicit credentials: the tasks get a pickle without them and use the workers' environment
-    explicit = storage.StorageConfig(access_key_id=ray_s3.access_key_id, secret_access_key=ray_s3.secret_access_key)
+    explicit = storage.StorageConfig(
+        access_key_id=ray_cluster.access_key_id, secret_access_key=ray_cluster.secret_access_key
+    )
     m = prepare_coco(src.annotations, src.images, out, PrepareOptions(skip_missing=True), explicit).manifest
     assert m.counts["images"] == 5 and m.counts["missing_images"] == 1
     assert m.counts["annotations"] == len(doc["annotations"]) - ghost_boxes
@@ -176,8 +162,8 @@ def test_missing_images_fail_or_are_counted(ray_s3: S3Server) -> None:
     assert [(s["image_id"], s["reason"]) for s in m.skipped_images] == [(ghost["id"], "missing")]
 
 
-def test_corrupt_images_fail_or_are_counted(ray_s3: S3Server) -> None:
-    bucket = ray_s3.create_bucket()
+def test_corrupt_images_fail_or_are_counted(ray_cluster: S3Server) -> None:
+    bucket = ray_cluster.create_bucket()
     src = _source(bucket + "/src", n=8, seed=4)
     doc = src.doc
     garbage, truncated, resized = doc["images"][0], doc["images"][2], doc["images"][4]
@@ -228,7 +214,7 @@ def test_check_image_reads_headers_and_respects_exif_orientation() -> None:
     assert check_image(b"GIF89a garbage", 40, 30)[0] == "corrupt"
 
 
-def test_cli_on_local_paths(ray_s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_on_local_paths(ray_cluster: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["synth", "--out", str(tmp_path / "src"), "--images", "5", "--seed", "1"]) == 0
     args = [
         "prepare",

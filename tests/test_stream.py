@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
+from jobs.local_s3 import S3Server
 from pipeline.coco import ImageRecord, load_coco
 from pipeline.collate import unscale_boxes
 from pipeline.prepare import PrepareOptions, prepare_coco
@@ -36,7 +36,6 @@ from pipeline.stream import (
 )
 from pipeline.synth import SynthConfig, write_synth
 from pipeline.transforms import AugmentConfig, ResizeConfig, rescaled_size
-from tests.s3_server import S3Server
 
 SMALL = ResizeConfig(train_min_sizes=(48, 64, 80), test_min_size=64, max_size=128)
 CONFIG = StreamConfig(augment=AugmentConfig(resize=SMALL), seed=3, rows_per_task=4)
@@ -55,22 +54,6 @@ MIXED = [
     (72, 54, [[60, 40, 12, 14]], [0]),
     (1, 1, [], []),
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_on_s3(s3_server: S3Server) -> Iterator[S3Server]:
-    """Ray with the server's AWS variables in its environment (workers inherit them at ``ray.init``)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            mp.delenv(name, raising=False)
-        for name, value in s3_server.env.items():
-            mp.setenv(name, value)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        try:
-            yield s3_server
-        finally:
-            ray.shutdown()
 
 
 def _write_mixed_coco(root: str) -> tuple[str, str]:
@@ -101,9 +84,9 @@ def _write_mixed_coco(root: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def synth_parquet(ray_on_s3: S3Server) -> tuple[str, dict[int, ImageRecord]]:
+def synth_parquet(ray_cluster: S3Server) -> tuple[str, dict[int, ImageRecord]]:
     """``dhrcnn synth`` (12 images) then ``prepare`` of its train split, on S3."""
-    root = ray_on_s3.create_bucket()
+    root = ray_cluster.create_bucket()
     splits = {s.split: s for s in write_synth(join(root, "synth"), SynthConfig(num_images=12, seed=5))}
     train = splits["train"]
     out = join(root, "parquet")
@@ -113,9 +96,9 @@ def synth_parquet(ray_on_s3: S3Server) -> tuple[str, dict[int, ImageRecord]]:
 
 
 @pytest.fixture(scope="module")
-def mixed(ray_on_s3: S3Server) -> tuple[str, str, str, dict[int, ImageRecord]]:
+def mixed(ray_cluster: S3Server) -> tuple[str, str, str, dict[int, ImageRecord]]:
     """:data:`MIXED` on S3 as raw COCO and as prepared Parquet: ``(annotations, images, parquet, records)``."""
-    root = ray_on_s3.create_bucket()
+    root = ray_cluster.create_bucket()
     annotations_uri, images_uri = _write_mixed_coco(join(root, "coco"))
     out = join(root, "parquet")
     _prepare(annotations_uri, images_uri, out)
@@ -259,16 +242,16 @@ def test_local_parquet_dataset_streams_like_s3(mixed: tuple, tmp_path: pathlib.P
 
 
 @pytest.mark.timeout(60)
-def test_parquet_without_manifest_is_refused_as_incomplete(mixed: tuple, ray_on_s3: S3Server) -> None:
-    bucket = ray_on_s3.create_bucket()
+def test_parquet_without_manifest_is_refused_as_incomplete(mixed: tuple, ray_cluster: S3Server) -> None:
+    bucket = ray_cluster.create_bucket()
     write_bytes(join(bucket, "partial", "part-0.parquet"), b"PAR1")
     with pytest.raises(IncompleteDatasetError, match=r"partial.*incomplete"):
         train_dataset(ParquetSource(join(bucket, "partial")), StorageConfig(), CONFIG)
 
 
 @pytest.mark.timeout(60)
-def test_corrupt_image_in_the_stream_names_the_image(ray_on_s3: S3Server) -> None:
-    root = ray_on_s3.create_bucket()
+def test_corrupt_image_in_the_stream_names_the_image(ray_cluster: S3Server) -> None:
+    root = ray_cluster.create_bucket()
     doc = {
         "images": [{"id": 9, "file_name": "bad.jpg", "width": 8, "height": 8}],
         "annotations": [],

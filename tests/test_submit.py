@@ -353,6 +353,7 @@ def _descendants(root: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_token_missing_or_wrong(head: Head, tmp_path: Path) -> None:
     args = ("--address", head.address, "--", "train", "--config", "c.yaml")
@@ -369,6 +370,7 @@ def test_token_missing_or_wrong(head: Head, tmp_path: Path) -> None:
         assert wrong_token not in output and head.token not in output
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_failing_job_exits_non_zero(head: Head) -> None:
     result = _dhrcnn_submit(
@@ -389,6 +391,7 @@ def test_failing_job_exits_non_zero(head: Head) -> None:
     assert head.token not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_no_wait_forwards_credentials_through_the_environment_only(head: Head) -> None:
     env = head.env(AWS_SECRET_ACCESS_KEY=SECRET, AWS_ACCESS_KEY_ID="AKIAEXAMPLE", AWS_REGION="eu-west-1")
@@ -415,15 +418,19 @@ def test_no_wait_forwards_credentials_through_the_environment_only(head: Head) -
     assert "num_classes" in client.get_job_logs(submission_id)  # the dry run printed the resolved config
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_interrupt_with_stop_on_interrupt_stops_the_job(head: Head, tmp_path: Path) -> None:
+    """A job that runs for hours (a synthetic dataset of a million images, one process: no load on the
+    cluster beside it) is stopped by Ctrl-C. The waits are on conditions with generous bounds: the job's
+    command starting, then the client's exit (it polls the job until STOPPED)."""
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "jobs.cli", "submit", "--address", head.address, "--stop-on-interrupt", "--"),
-            *("quickstart", "--workdir", str(tmp_path / "qs"), "synth.num_images=40"),
+            *("synth", "--out", str(tmp_path / "synth"), "--images", "1000000"),
         ],
         cwd=ROOT,
-        env=head.env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"),
+        env=head.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -433,14 +440,19 @@ def test_interrupt_with_stop_on_interrupt_stops_the_job(head: Head, tmp_path: Pa
         for line in process.stdout:  # the job's logs: wait until its command runs
             if "Running entrypoint" in line:
                 break
-        time.sleep(2)
+        deadline = time.monotonic() + 120  # ... and has written its first images
+        while not list((tmp_path / "synth").rglob("*.png")) and not list((tmp_path / "synth").rglob("*.jpg")):
+            assert time.monotonic() < deadline and process.poll() is None, "the job never started writing"
+            time.sleep(0.5)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        _, err = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 1, err
-    assert "stopping job dhrcnn-quickstart-" in err and "STOPPED" in err
+    (submission_id,) = re.findall(r"stopping job (dhrcnn-synth-\S+) …", err)
+    assert f"job {submission_id} STOPPED" in err
+    assert str(head.client().get_job_status(submission_id).value) == "STOPPED"
 
 
 @pytest.mark.slow

@@ -10,15 +10,14 @@ from jobs.config import JobConfig, resolve_job_config
 from jobs.schedule import lr_factor, scaled_lr
 from jobs.train import run_training
 from jobs.train_loop import NonFiniteLossError
-from tests.synthetic_data import prepared_synth
 
 pytestmark = pytest.mark.timeout(900)
-NUM_TRAIN = 24  # 30 synthetic images, 20 % to val
+NUM_TRAIN = 12  # the session's 15 synthetic images, 20 % to val
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_4_cpus):
-    return prepared_synth(tmp_path_factory.mktemp("data"), 30)
+def dataset(synth_dataset):
+    return synth_dataset
 
 
 def make_job(dataset, tmp_path, name: str, **train) -> JobConfig:
@@ -54,6 +53,7 @@ def mlflow_runs(job: JobConfig):
     return client, client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.slow
 def test_resume_continues_at_checkpoint_iteration_with_scheduled_lr(dataset, tmp_path):
     job = make_job(dataset, tmp_path, "resume", fail_at_iter=5)  # dies after the checkpoint at iteration 4
     with pytest.raises(Exception):  # noqa: B017 - the worker's os._exit surfaces as a Ray Train error
@@ -78,6 +78,7 @@ def test_resume_continues_at_checkpoint_iteration_with_scheduled_lr(dataset, tmp
         assert m.value == pytest.approx(base * lr_factor(m.step, job.train, iters_per_epoch), rel=1e-6), m.step
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_and_counted(dataset, tmp_path):
     job = make_job(dataset, tmp_path, "nan-skip", epochs=1, nan_at_iters=[2, 3])
     result = run_training(job)
@@ -85,6 +86,7 @@ def test_nan_steps_are_skipped_and_counted(dataset, tmp_path):
     assert result.metrics["iteration"] == NUM_TRAIN // 2
 
 
+@pytest.mark.slow
 def test_consecutive_nans_stop_the_job_and_keep_the_checkpoint(dataset, tmp_path):
     job = make_job(dataset, tmp_path, "nan-stop", epochs=1, nan_at_iters=[4, 5, 6], max_consecutive_nan=2)
     with pytest.raises(Exception, match="consecutive non-finite losses") as err:
@@ -94,6 +96,7 @@ def test_consecutive_nans_stop_the_job_and_keep_the_checkpoint(dataset, tmp_path
     assert checkpoints, "the last good checkpoint (iteration 4) must be kept"
 
 
+@pytest.mark.slow
 def test_killed_worker_recovers_from_its_checkpoint_and_matches_an_uninterrupted_run(dataset, tmp_path):
     """Tolerance: Ray Data hands blocks to the two workers in completion order, so the two runs see the same
     images in a different order; the last epoch's mean loss agrees within 50 % and val AP within 0.1."""

@@ -9,15 +9,14 @@ import pytest
 
 from jobs.tune import TAG_SWEEP, run_sweep, trial_run_name
 from jobs.tune_config import SweepConfig, resolve_sweep_config
-from tests.synthetic_data import prepared_synth
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 MODEL_NAME = "dh-tune"
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_4_cpus):
-    return prepared_synth(tmp_path_factory.mktemp("data"), 15)
+def dataset(synth_dataset):
+    return synth_dataset
 
 
 def make_sweep(dataset, tmp_path) -> SweepConfig:
