@@ -192,7 +192,9 @@ def follow(
             return SubmitResult(submission_id, None, EXIT_INTERRUPTED)
         print(f"\nstopping job {submission_id} …", file=err)
         client.stop_job(submission_id)
-        status = _wait_final(client, submission_id, timeout_s=60.0)
+        # Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S; on a loaded head the status can take
+        # minutes to follow
+        status = _wait_final(client, submission_id, timeout_s=300.0)
     info = client.get_job_info(submission_id)
     elapsed = time.monotonic() - started
     detail = f": {_first_line(info.message)}" if status != "SUCCEEDED" and info.message else ""

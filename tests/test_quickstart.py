@@ -35,7 +35,7 @@ RAY_NOISE = (
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_quickstart_prints_progress_and_results_only(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
     started = time.monotonic()
@@ -45,7 +45,7 @@ def test_quickstart_prints_progress_and_results_only(tmp_path: Path) -> None:
         env={**env, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
-        timeout=540,
+        timeout=1440,  # 80 s on a quiet 2-core machine; beside two busy processes it took over 540 s
     )
     elapsed = time.monotonic() - started
     output = run.stdout + run.stderr
