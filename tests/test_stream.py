@@ -205,6 +205,23 @@ def test_seeded_shuffle_is_reproducible_and_differs_between_epochs(mixed: tuple)
 
 
 @pytest.mark.timeout(120)
+def test_parquet_epochs_start_no_footer_reader_actors(mixed: tuple) -> None:
+    """Each epoch of a V2 ``read_parquet`` starts a pool of ``FooterReader`` actors (a worker process each); on
+    small machines that churn stalled whole training runs, so the stream plans its reads with the V1 reader."""
+    import ray
+    from ray.data import DataContext
+
+    before = DataContext.get_current().use_datasource_v2
+    ds = train_dataset(ParquetSource(mixed[2]), StorageConfig(), CONFIG)
+    for epoch in range(2):
+        assert list(iter_train_batches(ds, batch_size=2, epoch=epoch, seed=0))
+    assert "ReadParquet" in ds.stats() and "ListFiles" not in ds.stats()
+    classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}  # alive and dead
+    assert "FooterReader" not in classes
+    assert DataContext.get_current().use_datasource_v2 == before, "the setting is scoped to planning the read"
+
+
+@pytest.mark.timeout(120)
 def test_two_train_shards_cover_every_image_once_per_epoch(synth_parquet: tuple) -> None:
     """As Ray Train does: ``streaming_split(2, equal=True)``, one iterator per worker, consumed concurrently."""
     uri, records = synth_parquet
