@@ -1,4 +1,5 @@
-"""Pictures and tables of an evaluation: precision-recall curves, a per-class AP table, a detections grid.
+"""Pictures and tables of an evaluation: precision-recall curves, a per-class AP table, a detections grid, and
+the one box renderer (:func:`annotate`) that the grid and ``dhrcnn predict --render`` share.
 
 Plots use matplotlib's object API with the Agg canvas (no ``pyplot``, so no process-global figure state and
 no display needed); the grid is drawn with PIL. Every writer takes a local path or an ``s3://`` URI
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,7 +128,6 @@ def draw_detections_grid(
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     legend_h = grid_legend_height(cell_size)
-    font = _font(max(11, cell_size // 28))
     canvas = Image.new("RGB", (cols * cell_size, legend_h + rows * cell_size), (32, 32, 32))
     draw = ImageDraw.Draw(canvas)
     draw.text(
@@ -145,7 +145,7 @@ def draw_detections_grid(
         anchor="lm",
     )
     for i in range(n):
-        tile = _draw_tile(images[i], gts[i], preds[i], class_names, score_thresh, cell_size, font)
+        tile = annotate(images[i], preds[i], class_names, score_thresh, gt=gts[i], fit=cell_size - 2 * _GUTTER)
         x0, y0 = (i % cols) * cell_size, legend_h + (i // cols) * cell_size
         canvas.paste(tile, (x0 + (cell_size - tile.width) // 2, y0 + (cell_size - tile.height) // 2))
     buffer = io.BytesIO()
@@ -159,28 +159,44 @@ def grid_legend_height(cell_size: int) -> int:
     return max(24, cell_size // 12)
 
 
-def _draw_tile(
+def annotate(
     image: np.ndarray,
-    gt: tuple[Any, Any],
     pred: tuple[Any, Any, Any],
-    class_names: Sequence[str],
-    score_thresh: float,
-    cell_size: int,
-    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    class_names: Sequence[str] | Mapping[int, str],
+    score_thresh: float = 0.3,
+    *,
+    gt: tuple[Any, Any] | None = None,
+    fit: int | None = None,
 ) -> Image.Image:
+    """``image`` with its predictions (magenta, name and score above the box) and optionally its ground truth
+    (green, name inside the box's bottom edge) drawn: at most 100 of each, highest scores first.
+
+    Args:
+        image: uint8 ``[H, W, 3]`` (or ``[H, W]``); the boxes are in its pixels.
+        pred: ``(boxes [D, 4] xyxy, scores [D], labels [D] in 1..K)``; those scoring below ``score_thresh``
+            are not drawn. gt: ``(boxes [N, 4], labels [N])``.
+        class_names: ``class_names[k - 1]`` (a sequence) or ``class_names[k]`` (a mapping) names label k.
+        fit: scale the picture (aspect kept) so that its longer side is ``fit`` pixels; ``None``: as is.
+
+    Line width and caption size follow the picture's longer side ``S``: ``max(1, S // 200)`` and
+    ``max(11, S // 28)`` pixels.
+    """
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
-        raise ValueError(f"draw_detections_grid: expected uint8 [H, W, 3] images, got {pixels.dtype} {pixels.shape}")
+        raise ValueError(f"annotate: expected a uint8 [H, W, 3] image, got {pixels.dtype} {pixels.shape}")
     tile = Image.fromarray(pixels).convert("RGB")
-    scale = (cell_size - 2 * _GUTTER) / max(tile.width, tile.height)
-    tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.BILINEAR)
+    scale = 1.0 if fit is None else fit / max(tile.width, tile.height)
+    if fit is not None:
+        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.BILINEAR)
     draw = ImageDraw.Draw(tile)
-    width = max(1, cell_size // 200)
-    gt_boxes, gt_labels = _boxes(gt[0]), _flat(gt[1])
-    for box, label in list(zip(gt_boxes, gt_labels, strict=True))[:_MAX_BOXES]:
-        _box_with_text(
-            draw, box * scale, _name(class_names, label), GT_COLOR, width, font, image_width=tile.width, below=True
-        )
+    side = max(tile.width, tile.height)
+    width, font = max(1, side // 200), _font(max(11, side // 28))
+    if gt is not None:
+        gt_boxes, gt_labels = _boxes(gt[0]), _flat(gt[1])
+        for box, label in list(zip(gt_boxes, gt_labels, strict=True))[:_MAX_BOXES]:
+            _box_with_text(
+                draw, box * scale, _name(class_names, label), GT_COLOR, width, font, image_width=tile.width, below=True
+            )
     boxes, scores, labels = _boxes(pred[0]), _flat(pred[1]).astype(float), _flat(pred[2])
     order = [int(j) for j in np.argsort(-scores, kind="stable") if scores[j] >= score_thresh][:_MAX_BOXES]
     for j in order:
@@ -233,8 +249,10 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _name(class_names: Sequence[str], label: Any) -> str:
+def _name(class_names: Sequence[str] | Mapping[int, str], label: Any) -> str:
     k = int(label)
+    if isinstance(class_names, Mapping):
+        return class_names.get(k, str(k))
     return class_names[k - 1] if 1 <= k <= len(class_names) else str(k)
 
 

@@ -13,15 +13,13 @@ import ray
 import torch
 import torch.distributed as dist
 
-from jobs.coco_eval import evaluate_coco
+from jobs.coco_eval import STAT_NAMES, evaluate_coco
 from jobs.config import JobConfig
 from jobs.eval_plots import draw_detections_grid, per_class_table, plot_pr_curves
-from jobs.inference import predict_coco
+from jobs.predictor import Predictor, predict_coco
 from jobs.progress import console
 from pipeline.categories import CategoryMap
 from pipeline.stream import iter_eval_batches
-
-METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 class Evaluator:
@@ -51,17 +49,20 @@ class Evaluator:
         return has_val and every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == self.job.train.epochs)
 
     def run(self, model: torch.nn.Module, shard, step: int) -> dict[str, float]:
-        module = getattr(model, "module", model)  # never the DDP wrapper: shards differ in length
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         limit = self.job.train.eval_max_images
         samples: list[tuple] = []
+        # Looks through the DDP wrapper (shards differ in length); batches eval_batch_size images of one padded
+        # shape on a GPU, one image per pass on CPU.
+        max_batch = None if torch.device(self.device).type == "cpu" else self.job.data.eval_batch_size
+        predictor = Predictor(
+            model, self.job.data.augment.resize, device=self.device, amp_dtype=self.amp, max_batch=max_batch
+        )
         detections, image_ids = predict_coco(
-            module,
+            predictor,
             iter_eval_batches(shard, batch_size=self.job.data.eval_batch_size),
             self.categories,
-            self.device,
             max_images=None if limit is None else math.ceil(limit / world),
-            amp_dtype=self.amp,
             samples=samples if self.rank == 0 else None,
             on_batch=None if self.board is None else lambda n: self._post("eval", step=step, images=n),
         )
@@ -87,7 +88,7 @@ class Evaluator:
     def _score_and_log(self, detections: list[dict], image_ids: list[int], samples: list[tuple], step: int) -> dict:
         gt = ray.get(self.coco_gt_ref) if isinstance(self.coco_gt_ref, ray.ObjectRef) else self.coco_gt_ref
         metrics = evaluate_coco(gt, detections, image_ids=image_ids, class_names=list(self.categories.names))
-        out = {f"val/{k}": float(metrics.stats[k]) for k in METRIC_KEYS}
+        out = {f"val/{k}": float(metrics.stats[k]) for k in STAT_NAMES}
         self.tracker.log_metrics(out, step=step)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
@@ -105,5 +106,5 @@ class Evaluator:
             if self.picture_path:  # a local copy of the latest picture (the quickstart prints its path)
                 Path(self.picture_path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(tmp_path / "val_predictions.png", self.picture_path)
-        console(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in METRIC_KEYS))
+        console(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in STAT_NAMES))
         return out

@@ -12,7 +12,7 @@ import torch
 from jobs.coco_eval import CocoMetrics, evaluate_coco
 from jobs.config import DatasetSpec
 from jobs.datasets import dataset_info, source_of
-from jobs.inference import predict_coco
+from jobs.predictor import Predictor, predict_coco
 from pipeline.categories import CategoryMap
 from pipeline.storage import StorageConfig
 from pipeline.stream import StreamConfig, eval_dataset, iter_eval_batches
@@ -64,8 +64,8 @@ def evaluate_model(
         )
     stream = StreamConfig(augment=AugmentConfig(resize=detector.resize), shuffle_files=False)
     batches = iter_eval_batches(eval_dataset(source_of(data), storage, stream), batch_size=batch_size)
-    detections, image_ids = predict_coco(
-        detector.model, batches, categories, torch.device(device), max_images=max_images
-    )
+    max_batch = None if torch.device(device).type == "cpu" else batch_size  # on CPU one image per pass (fastest)
+    predictor = Predictor(detector.model, detector.resize, device=device, max_batch=max_batch)
+    detections, image_ids = predict_coco(predictor, batches, categories, max_images=max_images)
     metrics = evaluate_coco(info.coco_gt, detections, image_ids=sorted(set(image_ids)))
     return metrics, detections

@@ -7,8 +7,9 @@
    by extension (:data:`IMAGE_SUFFIXES`) and given ids.
 2. ``ray.data.from_items`` of ``(uri, file_name, image_id)`` -> ``map_batches`` on a pool of ``concurrency``
    :class:`DetectorActor` (model loaded once per actor; a GPU each when the cluster has GPUs): fetch, decode
-   (EXIF applied), the model's evaluation resize, the detector on each image alone (so results do not depend on
-   the batch and equal the served pyfunc's), boxes back in original pixels. Fetching in the actor leaves no read
+   (EXIF applied), then the model's :class:`~jobs.predictor.Predictor`, as the served pyfunc does (evaluation
+   resize, batches of equal padded shape only, so results do not depend on the batch; boxes back in original
+   pixels). Fetching in the actor leaves no read
    tasks for a pool holding every CPU of a small machine to starve. 3. Results (small) written by the driver.
 
 Outputs (``out`` is a local folder or an ``s3://`` prefix):
@@ -224,39 +225,28 @@ class DetectorActor:
             return str(err)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from jobs.pyfunc_model import detect_image
         from pipeline.decode import ImageDecodeError, decode_image
 
         uris, names = batch.column("uri").to_pylist(), batch.column("file_name").to_pylist()
         ids = batch.column("image_id").to_pylist()
         with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(uris))) as pool:
             blobs = list(pool.map(self._fetch, uris))
-        rows = []
+        rows: list[dict[str, Any]] = []
+        decoded: dict[int, np.ndarray] = {}  # row index -> image
         for name, image_id, blob in zip(names, ids, blobs, strict=True):
-            row: dict[str, Any] = {"file_name": name, "image_id": image_id, "skip": None, "error": None}
+            rows.append({"file_name": name, "image_id": image_id, "skip": None, "error": None})
             if isinstance(blob, str):
-                rows.append({**row, "error": blob})
+                rows[-1]["error"] = blob
                 continue
             try:
-                image = decode_image(blob, image_id=image_id, file_name=name)
+                decoded[len(rows) - 1] = decode_image(blob, image_id=image_id, file_name=name)
             except ImageDecodeError as err:
-                rows.append({**row, "skip": str(err)})
-                continue
-            found = detect_image(self.model.detector, image, self.model.resize, self.device)
-            keep = found.scores >= self.score_thresh
-            labels = [int(v) for v in found.labels[keep]]
-            rows.append(
-                {
-                    **row,
-                    "width": image.shape[1],
-                    "height": image.shape[0],
-                    "boxes": found.boxes[keep].astype(np.float32).reshape(-1).tolist(),
-                    "scores": found.scores[keep].astype(np.float32).tolist(),
-                    "labels": labels,
-                    "category_ids": [self.model.categories.category_id_of(v) for v in labels],
-                    "category_names": [self.model.categories.name_of(v) for v in labels],
-                }
-            )
+                rows[-1]["skip"] = str(err)
+        found = self.model.predictor(list(decoded.values()))
+        for (index, image), detections in zip(decoded.items(), found, strict=True):
+            row = detections.above(self.score_thresh).to_row(self.model.categories)
+            row["boxes"] = [float(v) for box in row["boxes"] for v in box]  # flattened [4 D]
+            rows[index].update(row, width=image.shape[1], height=image.shape[0])
         return pa.Table.from_pylist(rows, schema=_ACTOR_SCHEMA)
 
 
@@ -358,33 +348,17 @@ def _coco_results(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _render(cfg: PredictConfig, row: dict[str, Any]) -> bytes:
-    """The image of ``row`` as a JPEG with its boxes (score >= ``cfg.render_score_thresh``) and captions."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from jobs.eval_plots import PRED_COLOR
+    """The image of ``row`` as a JPEG with its boxes (score >= ``cfg.render_score_thresh``) and captions, drawn
+    by the evaluation pictures' renderer (:func:`jobs.eval_plots.annotate`)."""
+    from jobs.eval_plots import annotate
     from pipeline.decode import decode_image
 
     data = read_bytes(join(cfg.images.rstrip("/"), row["file_name"]), cfg.storage)
-    image = Image.fromarray(decode_image(data, image_id=row["image_id"], file_name=row["file_name"]))
-    draw = ImageDraw.Draw(image)
-    try:
-        font: Any = ImageFont.load_default(size=max(11, min(image.size) // 40))
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType
-        font = ImageFont.load_default()
-    width = max(1, min(image.size) // 300)
-    boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)
-    for box, score, name in zip(boxes, row["scores"], row["category_names"], strict=True):
-        if score < cfg.render_score_thresh:
-            continue
-        x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=PRED_COLOR, width=width)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
-        shift = min(y1, bottom - top + 2)  # caption above the box, inside the image
-        draw.rectangle((left - 1, top - shift - 1, right + 1, bottom - shift + 1), fill=PRED_COLOR)
-        draw.text((x1, y1 - shift), text, fill=(0, 0, 0), font=font)
+    image = decode_image(data, image_id=row["image_id"], file_name=row["file_name"])
+    names = dict(zip(row["labels"], row["category_names"], strict=True))
+    pred = (np.asarray(row["boxes"], np.float64).reshape(-1, 4), row["scores"], row["labels"])
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
+    annotate(image, pred, names, cfg.render_score_thresh).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 

@@ -18,8 +18,9 @@ Input (a pandas DataFrame; ``mlflow models serve`` receives it as JSON)::
     {"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG/PNG file>"], ...]}}
 
 Python callers may also put raw encoded ``bytes`` or RGB uint8 ``[H, W, 3]`` numpy arrays in the column. Each
-image is decoded (EXIF orientation applied), resized with the run's evaluation resize, detected on its own
-(results do not depend on the batch), and its boxes mapped back to the original image. Output: one row per
+image is decoded (EXIF orientation applied), resized with the run's evaluation resize and detected by
+:class:`jobs.predictor.Predictor` (batched only with images of its padded shape, so results do not depend on
+the batch), its boxes mapped back to the original image. Output: one row per
 image with ``boxes`` (list of ``[x1, y1, x2, y2]`` in original-image pixels), ``scores`` (descending),
 ``labels`` (1..K), ``category_ids`` (the dataset's ids) and ``category_names``.
 """
@@ -35,7 +36,6 @@ import math
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ from mlflow.models import Model
 import jobs
 import model as model_package
 import pipeline
+from jobs.coco_eval import STAT_NAMES
+from jobs.predictor import Predictor
 from jobs.registry import FORMAT
 from jobs.tracking import redact_config, tracking_uri_scope
 from model.build import build_model
@@ -57,42 +59,12 @@ from model.config import ModelConfig
 from model.typed_config import from_mapping
 from pipeline.categories import CategoryMap
 from pipeline.decode import decode_image
-from pipeline.transforms import ResizeConfig, eval_transform
+from pipeline.transforms import ResizeConfig
 
 CHAMPION = "champion"
 OUTPUT_COLUMNS = ("boxes", "scores", "labels", "category_ids", "category_names")
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pandas", "pyyaml", "mlflow")
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # the model-from-code file, see jobs/pyfunc_entry.py
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Detections of one image in ORIGINAL-image pixels.
-
-    Attributes:
-        boxes: float64 ``[D, 4]`` xyxy, in pixels of the image as decoded (before the resize).
-        scores: float32 ``[D]``, descending.
-        labels: int64 ``[D]`` in 1..K (0 = background is never returned).
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-
-def detect_image(
-    detector: torch.nn.Module, image: np.ndarray, resize: ResizeConfig, device: str | torch.device = "cpu"
-) -> Detections:
-    """Resize RGB uint8 ``[H, W, 3]`` ``image`` with ``resize``'s evaluation setting, run ``detector`` (eval
-    mode) on it alone, and divide the boxes by the per-axis scale factors back to original pixels."""
-    transformed = eval_transform(image, np.zeros((0, 4), np.float32), resize)
-    tensor = torch.tensor(transformed.image).permute(2, 0, 1).contiguous()  # a copy: the array may be read-only
-    with torch.inference_mode():
-        out = detector([tensor.to(device)])[0]
-    sx, sy = transformed.scale_factor
-    boxes = out["boxes"].detach().cpu().double().numpy() / np.array([sx, sy, sx, sy])
-    return Detections(boxes, out["scores"].detach().cpu().float().numpy(), out["labels"].detach().cpu().numpy())
 
 
 def _image_from_value(value: Any, index: int) -> np.ndarray:
@@ -139,7 +111,7 @@ def _input_images(model_input: Any) -> list[Any]:
 class DetectorModel(mlflow.pyfunc.PythonModel):
     """The pyfunc: created by :mod:`jobs.pyfunc_entry` (MLflow's model from code), built in :meth:`load_context`
     from ``detector.json`` and ``weights.pt``. After loading: ``detector`` (the torch module, eval mode),
-    ``categories``, ``resize``, ``spec``.
+    ``categories``, ``resize``, ``spec``, and ``predictor`` (the :class:`~jobs.predictor.Predictor` that runs it).
 
     It runs on the GPU when one is visible; :meth:`to` moves it.
     """
@@ -157,29 +129,20 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         detector.load_state_dict(state)
         self.detector = detector.to(self.device).eval()
+        self.predictor = Predictor(self.detector, self.resize, device=self.device)
 
     def to(self, device: str | torch.device) -> DetectorModel:
         """Move the detector to ``device`` (``"cpu"``, ``"cuda:0"``); returns ``self``."""
         self.device = torch.device(device)
         self.detector.to(self.device)
+        self.predictor = Predictor(self.detector, self.resize, device=self.device)
         return self
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """``model_input``: DataFrame with column ``image`` (see the module docstring). Returns a DataFrame with
         one row per image and the columns of ``OUTPUT_COLUMNS``; boxes in original-image pixels."""
-        rows = []
-        for index, value in enumerate(_input_images(model_input)):
-            found = detect_image(self.detector, _image_from_value(value, index), self.resize, self.device)
-            labels = [int(label) for label in found.labels]
-            rows.append(
-                {
-                    "boxes": found.boxes.tolist(),
-                    "scores": [float(s) for s in found.scores],
-                    "labels": labels,
-                    "category_ids": [self.categories.category_id_of(label) for label in labels],
-                    "category_names": [self.categories.name_of(label) for label in labels],
-                }
-            )
+        images = [_image_from_value(value, index) for index, value in enumerate(_input_images(model_input))]
+        rows = [found.to_row(self.categories) for found in self.predictor(images)]
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
@@ -313,7 +276,7 @@ def register_detector(model_uri: str, name: str, metrics: Mapping[str, Any], tra
     entries ignored), and move alias ``champion`` to it if its AP beats the champion's. Returns the version."""
     numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     with tracking_uri_scope(tracking_uri):
-        tags = {k: f"{v:.6g}" for k in COCO_METRICS if (v := _metric(numbers, k)) is not None}
+        tags = {k: f"{v:.6g}" for k in STAT_NAMES if (v := _metric(numbers, k)) is not None}
         version = mlflow.register_model(model_uri, name, tags={**tags, "format": FORMAT})
         _maybe_promote(mlflow.MlflowClient(), name, str(version.version), _metric(numbers, "AP"))
     return str(version.version)
@@ -370,7 +333,8 @@ def unwrap(loaded: mlflow.pyfunc.PyFuncModel) -> DetectorModel:
 
 
 def torch_detector(loaded: mlflow.pyfunc.PyFuncModel) -> torch.nn.Module:
-    """The torch detector (eval mode) inside a loaded pyfunc, for in-process use; see :func:`detect_image`."""
+    """The torch detector (eval mode) inside a loaded pyfunc, for in-process use (``unwrap(loaded).predictor``
+    runs it on images)."""
     return unwrap(loaded).detector
 
 

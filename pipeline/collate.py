@@ -94,11 +94,11 @@ def collate(batch: Mapping[str, Sequence[Any]]) -> tuple[list[Tensor], list[dict
     return images, targets
 
 
-def unscale_boxes(boxes: Tensor, target: Mapping[str, Tensor]) -> Tensor:
+def unscale_boxes(boxes: Tensor, target: Mapping[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
     """Map float ``[N, 4]`` xyxy boxes in resized-image pixels back to the original image.
 
     Undoes the flip (if ``target["flipped"]``) and the per-axis resize of ``target["scale_factor"]``, using
-    ``target["orig_size"]`` (H, W). Works in float64 internally; returns float32 ``[N, 4]``.
+    ``target["orig_size"]`` (H, W). Works in float64 internally; returns ``[N, 4]`` of ``dtype``.
     """
     sx, sy = (float(v) for v in target["scale_factor"])
     orig_w = float(target["orig_size"][1])
@@ -106,4 +106,4 @@ def unscale_boxes(boxes: Tensor, target: Mapping[str, Tensor]) -> Tensor:
     out = b / torch.tensor([sx, sy, sx, sy], dtype=torch.float64, device=b.device)
     if bool(target["flipped"]):
         out = torch.stack([orig_w - out[:, 2], out[:, 1], orig_w - out[:, 0], out[:, 3]], dim=1)
-    return out.to(torch.float32)
+    return out.to(dtype)

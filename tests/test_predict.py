@@ -26,7 +26,7 @@ from jobs.config import DatasetSpec
 from jobs.local_s3 import free_port
 from jobs.model_eval import evaluate_model, load_for_eval
 from jobs.predict import OUTPUT_SCHEMA
-from jobs.pyfunc_model import detect_image
+from jobs.predictor import Detections, Predictor
 from jobs.registry import list_models
 from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, tracking_uri_scope
 from model.build import build_model
@@ -100,6 +100,11 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
+def _alone(detector: torch.nn.Module, data: bytes) -> Detections:
+    """The detector on one image alone (a batch of one)."""
+    return Predictor(detector, RESIZE)([decode_image(data, image_id=0, file_name="x")])[0]
+
+
 @pytest.mark.timeout(240)
 def test_registry_list_promote_pull_and_predict(
     ray_cluster: None, store: tuple[str, dict[str, torch.nn.Module]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -127,7 +132,7 @@ def test_registry_list_promote_pull_and_predict(
     assert spec["preprocessing"]["resize"]["test_min_size"] == 96 and spec["training_config"]["train"]["seed"] == 0
     predicted = mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame({"image": list(IMAGES.values())}))
     for (_, row), data in zip(predicted.iterrows(), IMAGES.values(), strict=True):
-        want = detect_image(detectors["1"], decode_image(data, image_id=0, file_name="x"), RESIZE)
+        want = _alone(detectors["1"], data)
         assert len(want.boxes) > 0
         np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), want.boxes, atol=1e-4, rtol=0)
         np.testing.assert_allclose(row["scores"], want.scores, atol=1e-5, rtol=0)
@@ -163,7 +168,7 @@ def test_registry_list_promote_pull_and_predict(
     ]
     results = json.loads((out_dir / "detections.json").read_text())
     for row in rows:
-        want = detect_image(detectors["2"], decode_image(IMAGES[row["file_name"]], image_id=0, file_name="x"), RESIZE)
+        want = _alone(detectors["2"], IMAGES[row["file_name"]])
         np.testing.assert_allclose(np.reshape(row["boxes"], (-1, 4)), want.boxes, atol=1e-4, rtol=0)
         np.testing.assert_allclose(row["scores"], want.scores, atol=1e-6, rtol=0)
         assert row["labels"] == want.labels.tolist()
