@@ -29,6 +29,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
+from jobs.denormals import flush_denormals
 from model import build_detector
 
 HEADS = ("fc", "double", "double_ext")
@@ -52,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (meant for cuda)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmul/conv on cuda (off by default)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    p.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush subnormal floats to zero (as the training workers do, jobs/denormals.py): the slow case",
+    )
     p.add_argument("--heads", default="double,double_ext,fc", help="our heads to run (fc always runs)")
     p.add_argument("--num-classes", type=int, default=80)
     p.add_argument("--norm", default="bn_eval", choices=("bn_eval", "frozen_bn"), help="our backbone norm")
@@ -251,6 +257,8 @@ def ratio_lines(rows: dict[str, dict], times: dict[str, dict[str, list[float]]])
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if not args.keep_denormals:
+        flush_denormals()  # before the intra-op threads start (jobs/denormals.py)
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     env = (
         f"torch {torch.__version__}, device {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-        f"threads {torch.get_num_threads()}, image {args.h}x{args.w}, batch {args.batch}, iters {args.iters} "
+        f"threads {torch.get_num_threads()}, denormals {'kept' if args.keep_denormals else 'flushed'}, "
+        f"image {args.h}x{args.w}, batch {args.batch}, iters {args.iters} "
         f"(+{args.warmup} warm-up + 1 FLOP pass), amp {args.amp}, tf32 {args.tf32 and device.type == 'cuda'}, "
         f"clock {args.clock}, K={args.num_classes}, RPN pre/post NMS train 2000/1000 test 1000/1000, "
         f"RoI heads fed {'the RPN output' if args.rpn_proposals else 'the same 1000 random boxes/img'}, "

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from jobs.denormals import flush_denormals
 from jobs.predictor import Detections, Predictor
 from model.build import build_model
 from model.config import model_config
@@ -76,7 +77,7 @@ def _moved(found: list[Detections], exact: list[Detections], top: int = 10) -> f
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    flush_denormals()
     device = torch.device(args.device)
     torch.manual_seed(0)
     detector = build_model(model_config(args.preset, 80, roi_head={"score_thresh": 0.0})).to(device).eval()

@@ -43,7 +43,6 @@ import math
 import posixpath
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +51,7 @@ import pyarrow as pa
 
 from jobs.registry import FORMAT, RegistryError, resolve_artifact_uri
 from jobs.tracking import check_reachable, redact_url, resolve_tracking_uri, tracking_uri_scope
-from pipeline.storage import StorageConfig, StorageError, join, list_files, read_bytes, resolve, write_bytes
+from pipeline.storage import StorageConfig, StorageError, join, list_files, read_bytes, read_many, resolve, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SHOWN = 5  # file names quoted in a warning or an error, at most
@@ -210,33 +209,28 @@ class DetectorActor:
     ) -> None:
         import torch
 
+        from jobs.denormals import flush_denormals
         from jobs.pyfunc_model import load_detector, unwrap
 
+        flush_denormals()  # this actor's process runs the detector (jobs/denormals.py)
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         self.model = unwrap(load_detector(model_uri, tracking_uri=tracking_uri, device=self.device))
         self.filesystem = resolve(images, storage)[0]
         self.storage = storage
         self.score_thresh = score_thresh
 
-    def _fetch(self, uri: str) -> bytes | str:
-        try:
-            return read_bytes(uri, self.storage, filesystem=self.filesystem)
-        except StorageError as err:
-            return str(err)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.decode import ImageDecodeError, decode_image
 
         uris, names = batch.column("uri").to_pylist(), batch.column("file_name").to_pylist()
         ids = batch.column("image_id").to_pylist()
-        with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(uris))) as pool:
-            blobs = list(pool.map(self._fetch, uris))
+        blobs = read_many(uris, self.storage, filesystem=self.filesystem, threads=_FETCH_THREADS)
         rows: list[dict[str, Any]] = []
         decoded: dict[int, np.ndarray] = {}  # row index -> image
         for name, image_id, blob in zip(names, ids, blobs, strict=True):
             rows.append({"file_name": name, "image_id": image_id, "skip": None, "error": None})
-            if isinstance(blob, str):
-                rows[-1]["error"] = blob
+            if isinstance(blob, StorageError):
+                rows[-1]["error"] = str(blob)
                 continue
             try:
                 decoded[len(rows) - 1] = decode_image(blob, image_id=image_id, file_name=name)

@@ -51,6 +51,7 @@ import jobs
 import model as model_package
 import pipeline
 from jobs.coco_eval import STAT_NAMES
+from jobs.denormals import flush_denormals
 from jobs.predictor import Predictor
 from jobs.registry import FORMAT
 from jobs.tracking import redact_config, tracking_uri_scope
@@ -122,6 +123,8 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"detector.json: expected format {FORMAT!r}, got {spec.get('format')!r}")
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            flush_denormals()  # the serving process runs the detector on CPU (jobs/denormals.py)
         self.categories = CategoryMap.from_dict(spec["categories"])
         self.resize = from_mapping(ResizeConfig, spec["preprocessing"]["resize"], "preprocessing.resize")
         cfg = from_mapping(ModelConfig, spec["model_config"], "model")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from jobs.checkpoint import Progress, load_state, restore, save_state, temp_checkpoint_dir
 from jobs.config import JobConfig
+from jobs.denormals import flush_denormals
 from jobs.evaluation import Evaluator
 from jobs.progress import StepMeter
 from jobs.schedule import build_optimizer
@@ -33,6 +34,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_worker(config: dict[str, Any]) -> None:
+    flush_denormals()  # before the first parallel op: the intra-op threads inherit it (jobs/denormals.py)
     job: JobConfig = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

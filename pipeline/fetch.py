@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,16 +105,16 @@ def fetch_images(
     widths = batch.column("width").to_pylist()
     heights = batch.column("height").to_pylist()
 
-    def fetch(i: int) -> bytes | ImageProblem:
-        try:
-            data = storage.read_bytes(safe_join(images_uri, names[i]), config, filesystem=fs)
-        except storage.ObjectNotFoundError as exc:
-            return ImageProblem(ids[i], names[i], "missing", str(exc))
-        problem = check_image(data, widths[i], heights[i])
-        return data if problem is None else ImageProblem(ids[i], names[i], *problem)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(ids)))) as pool:
-        results = list(pool.map(fetch, range(len(ids))))
+    uris = [safe_join(images_uri, name) for name in names]
+    results: list[bytes | ImageProblem] = []
+    for i, data in enumerate(storage.read_many(uris, config, filesystem=fs, threads=io_threads)):
+        if isinstance(data, storage.ObjectNotFoundError):
+            results.append(ImageProblem(ids[i], names[i], "missing", str(data)))
+        elif isinstance(data, storage.StorageError):
+            raise data
+        else:
+            problem = check_image(data, widths[i], heights[i])
+            results.append(data if problem is None else ImageProblem(ids[i], names[i], *problem))
     keep = [not isinstance(r, ImageProblem) for r in results]
     problems = [r for r in results if isinstance(r, ImageProblem)]
     kept = batch.filter(pa.array(keep, pa.bool_())) if problems else batch

@@ -27,6 +27,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -250,6 +251,28 @@ def read_bytes(uri: str, config: StorageConfig | None = None, *, filesystem: paf
     fs, path = (filesystem, _path_of(uri)) if filesystem is not None else resolve(uri, config)
     with _errors(uri, "read", fs, config), fs.open_input_stream(path) as f:
         return f.read()
+
+
+def read_many(
+    uris: Sequence[str],
+    config: StorageConfig | None = None,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+    threads: int = 8,
+) -> list[bytes | StorageError]:
+    """The objects at ``uris`` (all on ``filesystem``, or each resolved), ``threads`` reads in flight; a read
+    that fails with a :class:`StorageError` gives that error in its place, for the caller to raise or record."""
+
+    def read(uri: str) -> bytes | StorageError:
+        try:
+            return read_bytes(uri, config, filesystem=filesystem)
+        except StorageError as err:
+            return err
+
+    if not uris:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        return list(pool.map(read, uris))
 
 
 def write_bytes(

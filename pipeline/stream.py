@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,7 +47,7 @@ from pipeline.collate import collate
 from pipeline.decode import decode_image
 from pipeline.fetch import records_to_table
 from pipeline.manifest import manifest_uri, read_manifest
-from pipeline.storage import StorageConfig, exists, read_bytes, resolve
+from pipeline.storage import StorageConfig, exists, read_many, resolve
 from pipeline.transforms import AugmentConfig, Transformed, eval_transform, image_rng, train_transform
 
 _INPUT_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "labels", "iscrowd"]
@@ -310,8 +309,10 @@ def _fetch_images(table: pa.Table, *, images_uri: str, storage: StorageConfig, t
     """Add the ``image`` binary column: the encoded bytes of each row's file, ``threads`` GETs in flight."""
     filesystem, _ = resolve(images_uri, storage)
     uris = [safe_join(images_uri, name) for name in table.column("file_name").to_pylist()]
-    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(uris)))) as pool:
-        blobs = list(pool.map(lambda uri: read_bytes(uri, storage, filesystem=filesystem), uris))
+    blobs = read_many(uris, storage, filesystem=filesystem, threads=threads)
+    for blob in blobs:
+        if isinstance(blob, Exception):
+            raise blob
     return table.append_column("image", pa.array(blobs, pa.binary()))
 
 

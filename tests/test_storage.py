@@ -61,6 +61,18 @@ def test_write_read_exists_list_roundtrip(root: str) -> None:
     storage.delete_tree(storage.join(root, "a"))  # nothing there: not an error
 
 
+def test_read_many_keeps_order_and_returns_errors_in_place(root: str) -> None:
+    uris = [storage.join(root, f"{i}.bin") for i in range(12)]
+    for i, uri in enumerate(uris):
+        if i != 5:
+            storage.write_bytes(uri, bytes([i]) * i)
+    fs, _ = storage.resolve(root)
+    got = storage.read_many(uris, filesystem=fs, threads=4)
+    assert [g for i, g in enumerate(got) if i != 5] == [bytes([i]) * i for i in range(12) if i != 5]
+    assert isinstance(got[5], ObjectNotFoundError) and got[5].uri == uris[5]
+    assert storage.read_many([]) == []
+
+
 def test_local_write_is_atomic_and_leaves_no_temporaries(tmp_path: Path) -> None:
     target = tmp_path / "deep" / "dir" / "manifest.json"
     storage.write_bytes(str(target), b"{}")

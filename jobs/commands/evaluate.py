@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _score_model(args: argparse.Namespace) -> int:
     from jobs.config import DatasetSpec
+    from jobs.denormals import flush_denormals
     from jobs.eval_plots import per_class_table
     from jobs.model_eval import evaluate_model, load_for_eval
     from jobs.train import ensure_ray
@@ -77,6 +78,7 @@ def _score_model(args: argparse.Namespace) -> int:
 
     if args.annotations is not None and args.images is None:
         return _fail("--annotations needs --images, the folder or prefix its file names are relative to")
+    flush_denormals()  # the detector runs in this process (jobs/denormals.py)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     spec = (
         DatasetSpec(parquet=args.data) if args.data else DatasetSpec(annotations=args.annotations, images=args.images)
