@@ -11,14 +11,22 @@ from model.backbone import build_backbone
 from model.box_head import DoubleHeadBoxHead, TwoFCBoxHead
 from model.config import ModelConfig, model_config
 from model.detector import DoubleHeadRCNN
+from model.losses import RandomSampler, Sampler
 from model.roi_heads import DoubleHeadRoIHeads
 from model.roi_pooler import LevelRoIPooler
 from model.rpn import MMDetRPN
 from model.transform import NormalizePad
 
 
-def build_model(cfg: ModelConfig) -> DoubleHeadRCNN:
-    """Build the detector described by ``cfg`` (random init except ``backbone.weights``)."""
+def build_model(
+    cfg: ModelConfig, *, rpn_sampler: Sampler | None = None, roi_sampler: Sampler | None = None
+) -> DoubleHeadRCNN:
+    """Build the detector described by ``cfg`` (random init except ``backbone.weights``).
+
+    ``rpn_sampler`` / ``roi_sampler`` replace the random samplers of the config (``rpn`` / ``roi_head``
+    ``batch_size_per_image`` and ``positive_fraction``) that choose the anchors and RoIs of the losses,
+    e.g. to replay recorded choices in a test.
+    """
     backbone = build_backbone(
         depth=cfg.backbone.depth,
         norm=cfg.backbone.norm,
@@ -43,6 +51,7 @@ def build_model(cfg: ModelConfig) -> DoubleHeadRCNN:
         cls_loss_weight=r.cls_loss_weight,
         reg_loss_weight=r.reg_loss_weight,
         size_divisible=cfg.size_divisible,
+        sampler=rpn_sampler if rpn_sampler is not None else RandomSampler(r.batch_size_per_image, r.positive_fraction),
     )
     h = cfg.roi_head
     if h.head == "fc":
@@ -83,6 +92,7 @@ def build_model(cfg: ModelConfig) -> DoubleHeadRCNN:
         reg_loss_weight=h.reg_loss_weight,
         smooth_l1_beta=h.smooth_l1_beta,
         ext_weights=(h.ext_omega_fc, h.ext_lambda_fc, h.ext_omega_conv, h.ext_lambda_conv),
+        sampler=roi_sampler if roi_sampler is not None else RandomSampler(h.batch_size_per_image, h.positive_fraction),
     )
     transform = NormalizePad(cfg.image_mean, cfg.image_std, cfg.size_divisible)
     return DoubleHeadRCNN(backbone, rpn, roi_heads, transform, cfg.num_classes, cfg.channels_last)

@@ -1,19 +1,56 @@
-"""Detection losses, callable on their own (validation loss, re-weighting, tests).
+"""Detection losses and the sampling of the examples they see, callable on their own (validation loss,
+re-weighting, tests).
 
 Conventions: RoI labels are ``0`` for background and ``1..K`` for the classes; box deltas are
 class-specific ``[N, 4·K]`` with class ``k`` in columns ``4(k−1) .. 4(k−1)+3`` (no background slot, as
 mmdet). Every R-CNN term is normalised by the number of sampled RoIs plus float32 eps, as mmdet 3.x.
+Losses are computed in float32, or in float64 for a float64 model (half-precision inputs are upcast).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 EPS = float(torch.finfo(torch.float32).eps)
+
+
+class Sampler(Protocol):
+    """Chooses the examples (anchors or RoIs) that the losses see, per image.
+
+    ``__call__(labels)`` takes per image ``labels [N_i]`` (``≥ 1`` positive, ``0`` negative, ``-1`` ignored) and
+    returns ``(pos, neg)``: per image int64 indices into ``labels``, positives ``[P_i]`` and negatives ``[Q_i]``.
+    The RoI head feeds its sampled RoIs to the head in the order given, positives first (as mmdet).
+    """
+
+    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]: ...
+
+
+class RandomSampler:
+    """mmdet's ``RandomSampler`` (``neg_pos_ub=-1``): per image at most ``num·pos_fraction`` positives, drawn
+    uniformly without replacement, and negatives up to ``num`` in all; torch's global generator.
+
+    Draws exactly as torchvision's ``BalancedPositiveNegativeSampler`` (same random stream), and returns
+    each set's indices in ascending order.
+    """
+
+    def __init__(self, num: int, pos_fraction: float) -> None:
+        self.num = num
+        self.pos_fraction = pos_fraction
+        self._balanced = BalancedPositiveNegativeSampler(num, pos_fraction)
+
+    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        pos_masks, neg_masks = self._balanced(labels)
+        return [torch.where(m)[0] for m in pos_masks], [torch.where(m)[0] for m in neg_masks]
+
+
+def _loss_dtype(x: Tensor) -> Tensor:
+    """``x`` upcast to float32 if it is half precision (autocast), else unchanged (float32 or float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class BoxHeadOutput(NamedTuple):
@@ -53,14 +90,16 @@ def rpn_losses(
     """
     pos = torch.where(sampled_pos.bool())[0]
     sampled = torch.where(sampled_pos.bool() | sampled_neg.bool())[0]
-    loss_cls = F.binary_cross_entropy_with_logits(objectness[sampled].float(), labels[sampled].float(), reduction="sum")
-    loss_reg = F.l1_loss(deltas[pos].float(), reg_targets[pos].float(), reduction="sum")
+    logits = _loss_dtype(objectness[sampled])
+    loss_cls = F.binary_cross_entropy_with_logits(logits, labels[sampled].to(logits.dtype), reduction="sum")
+    picked = _loss_dtype(deltas[pos])
+    loss_reg = F.l1_loss(picked, reg_targets[pos].to(picked.dtype), reduction="sum")
     return loss_cls / avg_factor, loss_reg / avg_factor
 
 
 def cls_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Softmax CE summed over the ``N`` RoIs, divided by ``N + eps``. logits ``[N, K+1]``, labels ``[N]``."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum") / (labels.numel() + EPS)
+    return F.cross_entropy(_loss_dtype(logits), labels, reduction="sum") / (labels.numel() + EPS)
 
 
 def reg_loss(deltas: Tensor, labels: Tensor, targets: Tensor, beta: float = 1.0) -> Tensor:
@@ -69,8 +108,8 @@ def reg_loss(deltas: Tensor, labels: Tensor, targets: Tensor, beta: float = 1.0)
     deltas ``[N, 4·K]``, labels ``[N]`` (0 = background), targets ``[N, 4]`` encoded with the RoI stds.
     """
     pos = torch.where(labels > 0)[0]
-    picked = deltas.float().view(deltas.shape[0], -1, 4)[pos, labels[pos] - 1]
-    loss = F.smooth_l1_loss(picked, targets[pos].float(), beta=beta, reduction="sum")
+    picked = _loss_dtype(deltas).view(deltas.shape[0], -1, 4)[pos, labels[pos] - 1]
+    loss = F.smooth_l1_loss(picked, targets[pos].to(picked.dtype), beta=beta, reduction="sum")
     return loss / (labels.numel() + EPS)
 
 

@@ -1,7 +1,9 @@
 """Second stage: sampling, pooling both branches, losses and post-processing.
 
-Reuses torchvision's ``RoIHeads`` for proposal/gt matching (IoU 0.5, no low-quality matches), GT boxes
-added as proposals and balanced sampling (512 RoIs, 25 % positive). Replaces its forward because the
+Reuses torchvision's ``RoIHeads`` for proposal/gt matching (IoU 0.5, no low-quality matches) and GT boxes
+added as proposals (appended after each image's proposals; mmdet prepends them). The RoIs the losses see are
+chosen by an injected :class:`~model.losses.Sampler` (by default mmdet's ``RandomSampler``: 512 RoIs, 25 %
+positive) and are fed to the head positives first, as mmdet. Replaces its forward because the
 Double-Head pools two feature sets and its losses and outputs follow mmdet (spec §3.2, §6.3): CE and
 Smooth-L1(β=1) each ×2 normalised by the sampled RoIs, ``[N, 4K]`` deltas without a background slot,
 no small-box filter at test time.
@@ -17,7 +19,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from model.box_coder import DeltaXYWHBoxCoder
-from model.losses import BoxHeadOutput, double_head_ext_losses, double_head_losses
+from model.losses import BoxHeadOutput, RandomSampler, Sampler, double_head_ext_losses, double_head_losses
 from model.roi_pooler import LevelRoIPooler
 
 
@@ -56,6 +58,7 @@ class DoubleHeadRoIHeads(RoIHeads):
         reg_loss_weight: float = 2.0,
         smooth_l1_beta: float = 1.0,
         ext_weights: tuple[float, float, float, float] = (2.0, 0.7, 2.5, 0.8),
+        sampler: Sampler | None = None,
     ) -> None:
         super().__init__(
             box_roi_pool,
@@ -76,6 +79,11 @@ class DoubleHeadRoIHeads(RoIHeads):
         self.reg_loss_weight = reg_loss_weight
         self.smooth_l1_beta = smooth_l1_beta
         self.ext_weights = ext_weights
+        # chooses the RoIs of the losses (labels per image over its proposals followed by its gt boxes)
+        self.sampler: Sampler = (
+            sampler if sampler is not None else RandomSampler(batch_size_per_image, positive_fraction)
+        )
+        del self.fg_bg_sampler  # torchvision's, replaced by ``sampler``
 
     def forward(
         self,
@@ -90,6 +98,39 @@ class DoubleHeadRoIHeads(RoIHeads):
         if self.training:
             return [], self.losses(out, torch.cat(labels), torch.cat(reg_targets))
         return self.postprocess(out, proposals, image_shapes), {}
+
+    def select_training_samples(
+        self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Add the gt boxes as proposals, match, sample, and encode the regression targets.
+
+        Args:
+            proposals: per image ``[P_i, 4]`` xyxy.
+            targets: per image ``boxes [G_i, 4]``, ``labels [G_i]`` in 1..K.
+        Returns:
+            per image, for the ``S_i`` sampled RoIs (positives first, in the sampler's order): the RoIs
+            ``[S_i, 4]`` (rows of ``cat(proposals_i, gt_i)``), matched gt index ``[S_i]``, labels ``[S_i]``
+            (0 = background) and regression targets ``[S_i, 4]`` (RoI stds).
+        """
+        if targets is None:
+            raise ValueError("targets are required in training mode")
+        self.check_targets(targets)
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        proposals = self.add_gt_proposals(proposals, gt_boxes)
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        pos, neg = self.sampler(labels)
+        rois, matched, sampled_labels, matched_boxes = [], [], [], []
+        for props, idx, lab, gt, p, n in zip(proposals, matched_idxs, labels, gt_boxes, pos, neg, strict=True):
+            keep = torch.cat([p, n])
+            rois.append(props[keep])
+            matched.append(idx[keep])
+            sampled_labels.append(lab[keep])
+            if gt.numel() == 0:
+                gt = gt.new_zeros((1, 4))
+            matched_boxes.append(gt[idx[keep]])
+        return rois, matched, sampled_labels, self.box_coder.encode(matched_boxes, rois)
 
     def losses(self, out: BoxHeadOutput, labels: Tensor, reg_targets: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms for sampled RoIs: labels ``[N]`` (0 = bg), reg_targets ``[N, 4]``."""

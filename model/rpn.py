@@ -1,10 +1,12 @@
 """Region proposal network with mmdet's anchor assignment, sampling and losses.
 
-Reuses torchvision's ``RPNHead``, ``RegionProposalNetwork`` top-k / NMS filtering, ``Matcher`` thresholds
-and ``BalancedPositiveNegativeSampler``. Differs from torchvision where mmdet does (spec §3.1, §6.3):
-low-quality matches need IoU ≥ ``min_pos_iou`` and go to the gt they are best for; anchors outside an
-image's own padded extent are ignored; the losses are sigmoid CE + L1 normalised by the sampled count;
-only the top-k anchors of each level are decoded; boxes with zero width or height are dropped.
+Reuses torchvision's ``RPNHead``, ``RegionProposalNetwork`` top-k / NMS filtering and ``Matcher`` thresholds;
+the anchors the losses see are chosen by an injected :class:`~model.losses.Sampler` (by default mmdet's
+``RandomSampler``, which draws as torchvision's ``BalancedPositiveNegativeSampler``). Differs from
+torchvision where mmdet does (spec §3.1, §6.3): low-quality matches need IoU ≥ ``min_pos_iou`` and go to
+the gt they are best for; anchors outside an image's own padded extent are ignored; the losses are sigmoid
+CE + L1 normalised by the sampled count; only the top-k anchors of each level are decoded; boxes with zero
+width or height are dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torchvision.ops import boxes as box_ops
 
 from model.anchors import MMDetAnchorGenerator
 from model.box_coder import DeltaXYWHBoxCoder
-from model.losses import rpn_losses
+from model.losses import RandomSampler, Sampler, rpn_losses
 
 
 class MMDetRPN(RegionProposalNetwork):
@@ -42,6 +44,7 @@ class MMDetRPN(RegionProposalNetwork):
         cls_loss_weight: float = 1.0,
         reg_loss_weight: float = 1.0,
         size_divisible: int = 32,
+        sampler: Sampler | None = None,
     ) -> None:
         super().__init__(
             anchor_generator,
@@ -61,6 +64,11 @@ class MMDetRPN(RegionProposalNetwork):
         self.cls_loss_weight = cls_loss_weight
         self.reg_loss_weight = reg_loss_weight
         self.size_divisible = size_divisible
+        # chooses the anchors of the losses (labels per image over all anchors of the batch's grid)
+        self.sampler: Sampler = (
+            sampler if sampler is not None else RandomSampler(batch_size_per_image, positive_fraction)
+        )
+        del self.fg_bg_sampler  # torchvision's, replaced by ``sampler``
 
     def forward(
         self,
@@ -80,7 +88,7 @@ class MMDetRPN(RegionProposalNetwork):
         flat_obj, flat_deltas = concat_box_prediction_layers(objectness, deltas)
         labels, matched_gt = self.assign_targets(anchors[0], feature_sizes, images.image_sizes, targets)
         reg_targets = self.box_coder.encode(matched_gt, anchors)
-        pos, neg = self.fg_bg_sampler(labels)
+        pos, neg = self.sample(labels)
         loss_cls, loss_reg = rpn_losses(
             flat_obj.flatten(),
             flat_deltas,
@@ -94,6 +102,15 @@ class MMDetRPN(RegionProposalNetwork):
             "loss_rpn_cls": self.cls_loss_weight * loss_cls,
             "loss_rpn_bbox": self.reg_loss_weight * loss_reg,
         }
+
+    def sample(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The sampler's choice as per-image ``[A]`` bool masks (positives, negatives) over ``labels [A]``."""
+        pos_inds, neg_inds = self.sampler(labels)
+        pos, neg = [], []
+        for lab, p, n in zip(labels, pos_inds, neg_inds, strict=True):
+            pos.append(torch.zeros_like(lab, dtype=torch.bool).index_fill_(0, p, True))
+            neg.append(torch.zeros_like(lab, dtype=torch.bool).index_fill_(0, n, True))
+        return pos, neg
 
     def predict_proposals(
         self,

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.mmdet_import import convert_state_dict
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / "tests" / "fixtures" / "mmdet"
 DETECTOR_FORMAT = "dh-mmdet-detector-trimmed/1"
@@ -57,6 +59,16 @@ def load_detector(path: Path) -> dict:
 def num_classes(fx: dict) -> int:
     """Foreground classes of a detector fixture, from its mmdet model config."""
     return int(fx["model_config"]["roi_head"]["bbox_head"]["num_classes"])
+
+
+def param_names_from_mmdet(names: list[str]) -> dict[str, str]:
+    """mmdet parameter names -> ours, by the key mapping of :func:`model.mmdet_import.convert_state_dict`.
+
+    Names only: the converter also permutes ``fc_cls``'s rows to background-first, which a gradient's norm or
+    sum does not see (convert whole tensors with ``convert_state_dict`` itself).
+    """
+    tagged = convert_state_dict({name: torch.tensor([float(i)]) for i, name in enumerate(names)})
+    return {names[int(value.item())]: ours for ours, value in tagged.items()}
 
 
 def rel(got: Tensor, ref: Tensor) -> float:
