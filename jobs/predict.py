@@ -42,15 +42,14 @@ import json
 import math
 import posixpath
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from jobs.registry import FORMAT, RegistryError, resolve_artifact_uri
-from jobs.tracking import check_reachable, redact_url, resolve_tracking_uri, tracking_uri_scope
+from jobs.mlflow_uri import resolve_tracking_uri
+from jobs.registry import check_detector
 from pipeline.storage import StorageConfig, StorageError, join, list_files, read_bytes, read_many, resolve, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -131,34 +130,6 @@ class PredictResult:
     num_detections: int
     skipped: tuple[tuple[str, str], ...]
     written: tuple[str, ...]
-
-
-def check_model(model_uri: str, tracking_uri: str | None = None) -> str:
-    """The artifact URI of the detector pyfunc at ``model_uri`` (an alias resolved to its version now). Raises
-    ``TrackingError`` (unreachable server) or :class:`RegistryError` (unknown name, alias or version; no MLflow
-    model there; another flavour, told from ``MLmodel`` alone)."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if model_uri.startswith("runs:/"):
-        check_reachable(uri)
-    artifact_uri = resolve_artifact_uri(model_uri, uri)
-    try:
-        with tempfile.TemporaryDirectory(prefix="dhrcnn-mlmodel-") as tmp, tracking_uri_scope(uri):
-            mlmodel = mlflow.artifacts.download_artifacts(f"{artifact_uri.rstrip('/')}/MLmodel", dst_path=tmp)
-            info = Model.load(mlmodel)
-    except (MlflowException, OSError) as err:
-        message = (getattr(err, "message", None) or str(err)).splitlines()[0]
-        raise RegistryError(f"{model_uri}: no MLflow model there ({redact_url(artifact_uri)}: {message})") from err
-    flavors = sorted(info.flavors or {})
-    if (info.metadata or {}).get("dhrcnn_format") != FORMAT or "python_function" not in flavors:
-        raise RegistryError(
-            f"{model_uri} is not a Double-Head detector pyfunc (flavors: {', '.join(flavors) or 'none'}; "
-            f"metadata.dhrcnn_format is not {FORMAT!r}). Use a model logged by `dhrcnn train`."
-        )
-    return artifact_uri
 
 
 def list_images(
@@ -249,9 +220,9 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     import ray
     import ray.data
 
-    from jobs.train import ensure_ray
+    from jobs.ray_env import ensure_ray
 
-    artifact_uri = check_model(cfg.model_uri, cfg.tracking_uri)
+    artifact_uri = check_detector(cfg.model_uri, cfg.tracking_uri)
     items, skipped = list_images(cfg.images, cfg.storage, cfg.annotations)
     ensure_ray()
     gpus = _actor_gpus(cfg, ray.cluster_resources())

@@ -32,7 +32,6 @@ import binascii
 import dataclasses
 import io
 import json
-import math
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -50,11 +49,10 @@ from mlflow.models import Model
 import jobs
 import model as model_package
 import pipeline
-from jobs.coco_eval import STAT_NAMES
 from jobs.denormals import flush_denormals
+from jobs.mlflow_uri import tracking_uri_scope
 from jobs.predictor import Predictor
-from jobs.registry import FORMAT
-from jobs.tracking import redact_config, tracking_uri_scope
+from jobs.redact import redact_config
 from model.build import build_model
 from model.config import ModelConfig
 from model.typed_config import from_mapping
@@ -62,7 +60,7 @@ from pipeline.categories import CategoryMap
 from pipeline.decode import decode_image
 from pipeline.transforms import ResizeConfig
 
-CHAMPION = "champion"
+FORMAT = "dhrcnn-pyfunc/1"  # the detector pyfunc's marker: MLmodel metadata.dhrcnn_format, detector.json format
 OUTPUT_COLUMNS = ("boxes", "scores", "labels", "category_ids", "category_names")
 _REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pandas", "pyyaml", "mlflow")
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # the model-from-code file, see jobs/pyfunc_entry.py
@@ -181,11 +179,6 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS]
 
 
-def _metric(metrics: Mapping[str, float], name: str) -> float | None:
-    value = metrics.get(name, metrics.get(f"val/{name}"))
-    return None if value is None or not math.isfinite(float(value)) else float(value)
-
-
 def _write_artifacts(
     folder: Path,
     detector: torch.nn.Module,
@@ -211,18 +204,14 @@ def log_detector(
     resize_cfg: Mapping[str, Any] | ResizeConfig,
     metrics: Mapping[str, float],
     training_config: Mapping[str, Any],
-    registered_model_name: str | None = None,
     *,
     run_id: str | None = None,
     tracking_uri: str | None = None,
     name: str = "model",
-) -> tuple[str, str | None]:
-    """Log ``model`` as a pyfunc to run ``run_id`` (``None``: MLflow's active run) and, with
-    ``registered_model_name``, register it and move alias ``champion`` to it if its AP beats the champion's.
-
-    ``metrics`` may use the bare COCO names or ``val/``-prefixed ones; ``AP`` decides the champion (a model
-    without AP never replaces an existing champion). Returns ``(logged model URI, registered version or None)``.
-    """
+) -> str:
+    """Log ``model`` as a pyfunc to run ``run_id`` (``None``: MLflow's active run); returns the logged model's
+    URI (``models:/m-...``). Registering it is :func:`jobs.registry.register_detector`'s job (or
+    :meth:`jobs.tracking.Tracker.log_detector`, which does both). ``metrics`` are stored in ``detector.json``."""
     cmap = categories if isinstance(categories, CategoryMap) else CategoryMap.from_dict(categories)
     if cmap.num_classes != model_cfg.num_classes:
         raise ValueError(f"category map has {cmap.num_classes} classes but the model {model_cfg.num_classes}")
@@ -267,50 +256,7 @@ def log_detector(
             input_example=_input_example(),
             metadata={"dhrcnn_format": FORMAT},
         )
-        if registered_model_name is None:
-            return info.model_uri, None
-        version = register_detector(info.model_uri, registered_model_name, clean_metrics)
-    return info.model_uri, version
-
-
-def register_detector(model_uri: str, name: str, metrics: Mapping[str, Any], tracking_uri: str | None = None) -> str:
-    """Register the detector logged at ``model_uri`` (``models:/m-...``, by :func:`log_detector`) as a new
-    version of ``name``, tagged with its COCO metrics (bare or ``val/``-prefixed keys of ``metrics``; other
-    entries ignored), and move alias ``champion`` to it if its AP beats the champion's. Returns the version."""
-    numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    with tracking_uri_scope(tracking_uri):
-        tags = {k: f"{v:.6g}" for k in STAT_NAMES if (v := _metric(numbers, k)) is not None}
-        version = mlflow.register_model(model_uri, name, tags={**tags, "format": FORMAT})
-        _maybe_promote(mlflow.MlflowClient(), name, str(version.version), _metric(numbers, "AP"))
-    return str(version.version)
-
-
-def champion_ap(client: Any, name: str, alias: str = CHAMPION) -> tuple[str | None, float | None]:
-    """``(version, AP)`` of the version holding ``alias`` (``(None, None)`` without one). AP comes from the
-    version's ``AP`` tag, else its run's ``val/AP`` / ``AP`` metric."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None, None
-        raise
-    if "AP" in holder.tags:
-        return str(holder.version), float(holder.tags["AP"])
-    if holder.run_id:
-        return str(holder.version), _metric(client.get_run(holder.run_id).data.metrics, "AP")
-    return str(holder.version), None
-
-
-def _maybe_promote(client: Any, name: str, version: str, ap: float | None) -> bool:
-    """Move ``champion`` to ``version`` when there is no champion or ``ap`` is strictly higher than its AP."""
-    current, current_ap = champion_ap(client, name)
-    better = ap is not None and (current_ap is None or ap > current_ap)
-    if current is None or better:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return True
-    return False
+    return info.model_uri
 
 
 def load_detector(

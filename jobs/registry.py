@@ -8,16 +8,21 @@ versions. :func:`pull` accepts only pyfuncs written by :func:`jobs.pyfunc_model.
 
 from __future__ import annotations
 
+import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jobs.tracking import TrackingError, check_reachable, redact_url, resolve_tracking_uri
+from jobs.coco_eval import STAT_NAMES
+from jobs.mlflow_uri import TrackingError, check_reachable, resolve_tracking_uri, tracking_uri_scope
+from jobs.pyfunc_model import FORMAT
+from jobs.redact import redact_url
 
-FORMAT = "dhrcnn-pyfunc/1"  # the detector pyfunc's marker: MLmodel metadata.dhrcnn_format, detector.json format
+CHAMPION = "champion"
 
 
 class RegistryError(TrackingError):
@@ -159,6 +164,27 @@ def resolve_artifact_uri(model_uri: str, tracking_uri: str | None = None) -> str
         raise RegistryError(f"registered model {name!r} has no version {version}") from err
 
 
+def check_detector(model_uri: str, tracking_uri: str | None = None) -> str:
+    """The artifact URI of the detector pyfunc at ``model_uri`` (an alias resolved to its version now), checked
+    from its ``MLmodel`` file alone (before any weights are downloaded). Raises ``TrackingError`` (unreachable
+    server) or :class:`RegistryError` (unknown name, alias or version; no MLflow model there; another flavour)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if model_uri.startswith("runs:/"):
+        check_reachable(uri)
+    artifact_uri = resolve_artifact_uri(model_uri, uri)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dhrcnn-mlmodel-") as tmp, tracking_uri_scope(uri):
+            mlmodel = mlflow.artifacts.download_artifacts(f"{artifact_uri.rstrip('/')}/MLmodel", dst_path=tmp)
+            _check_flavor(Path(mlmodel), model_uri)
+    except (MlflowException, OSError) as err:
+        message = (getattr(err, "message", None) or str(err)).splitlines()[0]
+        raise RegistryError(f"{model_uri}: no MLflow model there ({redact_url(artifact_uri)}: {message})") from err
+    return artifact_uri
+
+
 def _check_flavor(mlmodel_path: Path, model_uri: str) -> None:
     spec = yaml.safe_load(mlmodel_path.read_text()) or {}
     flavors = spec.get("flavors") or {}
@@ -166,7 +192,7 @@ def _check_flavor(mlmodel_path: Path, model_uri: str) -> None:
     if not ours:
         raise RegistryError(
             f"{model_uri} is not a Double-Head detector pyfunc (flavors: {', '.join(sorted(flavors)) or 'none'}; "
-            f"metadata.dhrcnn_format is not {FORMAT!r}). Pull models logged by `dhrcnn train`."
+            f"metadata.dhrcnn_format is not {FORMAT!r}). Use a model logged by `dhrcnn train`."
         )
 
 
@@ -200,3 +226,51 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
     except MlflowException as err:
         raise RegistryError(f"cannot download {model_uri} from {redact_url(uri)}: {err.message}") from err
     return out
+
+
+def _metric(metrics: Mapping[str, float], name: str) -> float | None:
+    value = metrics.get(name, metrics.get(f"val/{name}"))
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def register_detector(model_uri: str, name: str, metrics: Mapping[str, Any], tracking_uri: str | None = None) -> str:
+    """Register the detector logged at ``model_uri`` (``models:/m-...``, by
+    :func:`jobs.pyfunc_model.log_detector`) as a new version of ``name``, tagged with its COCO metrics (bare or
+    ``val/``-prefixed keys of ``metrics``; other entries ignored), and move alias ``champion`` to it if its AP
+    beats the champion's (a model without AP never replaces an existing champion). Returns the version."""
+    numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    import mlflow
+
+    with tracking_uri_scope(tracking_uri):
+        tags = {k: f"{v:.6g}" for k in STAT_NAMES if (v := _metric(numbers, k)) is not None}
+        version = mlflow.register_model(model_uri, name, tags={**tags, "format": FORMAT})
+        _maybe_promote(mlflow.MlflowClient(), name, str(version.version), _metric(numbers, "AP"))
+    return str(version.version)
+
+
+def champion_ap(client: Any, name: str, alias: str = CHAMPION) -> tuple[str | None, float | None]:
+    """``(version, AP)`` of the version holding ``alias`` (``(None, None)`` without one). AP comes from the
+    version's ``AP`` tag, else its run's ``val/AP`` / ``AP`` metric."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None, None
+        raise
+    if "AP" in holder.tags:
+        return str(holder.version), float(holder.tags["AP"])
+    if holder.run_id:
+        return str(holder.version), _metric(client.get_run(holder.run_id).data.metrics, "AP")
+    return str(holder.version), None
+
+
+def _maybe_promote(client: Any, name: str, version: str, ap: float | None) -> bool:
+    """Move ``champion`` to ``version`` when there is no champion or ``ap`` is strictly higher than its AP."""
+    current, current_ap = champion_ap(client, name)
+    better = ap is not None and (current_ap is None or ap > current_ap)
+    if current is None or better:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return True
+    return False

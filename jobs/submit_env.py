@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from jobs.redact import MASK, has_url_password, redact_value
 
 # Non-secret settings forwarded by default (when set in the submitting environment).
 SETTINGS: tuple[str, ...] = (
@@ -81,7 +82,6 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
 # The dashboard accepts job-submission uploads up to 100 MiB (zipped; Ray's DASHBOARD_CLIENT_MAX_SIZE).
 UPLOAD_LIMIT_BYTES = 100 * 1024**2
 
-_URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 _LOOPBACK = re.compile(r"://(localhost|127\.\d+\.\d+\.\d+|\[::1\])(:|/|$)")
 
 
@@ -163,25 +163,8 @@ def environment_notes(env: JobEnvironment) -> list[str]:
 
 
 def redact(name: str, value: str) -> str:
-    """``value`` safe to print: ``***`` for a secret variable, the password of a URL replaced by ``***``."""
-    if name in SECRET_VARIABLES or name.endswith(("PASSWORD", "TOKEN", "SECRET", "SECRET_KEY")):
-        return "***"
-    return redact_url(value)
-
-
-def redact_url(value: str) -> str:
-    """``scheme://user:password@host/…`` -> ``scheme://user:***@host/…``; anything else unchanged."""
-    if "://" not in value:
-        return value
-    try:
-        parts = urlsplit(value)
-        password = parts.password
-    except ValueError:
-        return _URL_PASSWORD.sub("://***@", value)
-    if password is None:
-        return value
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``value`` safe to print: ``***`` for a secret variable, URLs redacted (:mod:`jobs.redact`)."""
+    return MASK if name in SECRET_VARIABLES else redact_value(name, value)
 
 
 def secrets_in_args(args: Sequence[str], environ: Mapping[str, str]) -> list[str]:
@@ -192,8 +175,8 @@ def secrets_in_args(args: Sequence[str], environ: Mapping[str, str]) -> list[str
         for name in SECRET_VARIABLES
         if len(environ.get(name, "")) >= 4 and any(environ[name] in arg for arg in args)
     ]
-    if any(_URL_PASSWORD.search(arg) for arg in args):
-        found.append("a URL with a password")
+    if any(has_url_password(arg) for arg in args):
+        found.append("a URL with a password or a secret query value")
     return found
 
 

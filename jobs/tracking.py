@@ -19,32 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import platform
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from jobs.mlflow_uri import TrackingError, check_reachable, resolve_tracking_uri
+from jobs.redact import is_secret_key, redact_config, redact_url
 
 DEFAULT_EXPERIMENT = "double-head-frcnn"
 DEFAULT_MODEL_NAME = "double-head-frcnn"
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY_LENGTH = 250
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|accesskey|credential|api_key|private_key", re.I)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@", re.I)
 _PARAM_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 _METRIC_BATCH = 1000
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the URI and what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,56 +63,6 @@ class TrackingConfig:
             raise ValueError(f"tracking.connect_timeout_s: expected > 0, got {self.connect_timeout_s}")
         if not self.experiment_name:
             raise ValueError("tracking.experiment_name: must not be empty")
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; local paths made absolute
-    (Ray workers may run in another working directory)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        return f"sqlite:///{Path(path).expanduser().absolute()}" if path and path != ":memory:" else uri
-    if uri.startswith("file:") and not uri.startswith("file://"):
-        return Path(uri[len("file:") :]).expanduser().absolute().as_uri()
-    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
-        return Path(uri).expanduser().absolute().as_uri()
-    return uri
-
-
-def redact_url(value: str) -> str:
-    """Replace the password of ``scheme://user:password@host`` URLs with ``***``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-
-
-def check_reachable(uri: str, timeout_s: float = 3.0, attempts: int = 2) -> None:
-    """Raise :class:`TrackingError` unless the MLflow server at http(s) ``uri`` answers ``GET /health``.
-
-    Any HTTP answer counts as reachable (a proxy may not expose ``/health``); only connection failures and
-    timeouts do not. Bounded: at most ``attempts x timeout_s`` plus 0.5 s between attempts. Other URIs
-    (sqlite, file, databricks) are not checked here.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    parts = urlsplit(uri)
-    netloc = parts.netloc.rsplit("@", 1)[-1]  # never send userinfo in the probe
-    health = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
-    error: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(health, timeout=timeout_s):
-                return
-        except urllib.error.HTTPError:
-            return
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            error = err
-            if attempt + 1 < attempts:
-                time.sleep(0.5)
-    reason = getattr(error, "reason", error)
-    raise TrackingError(
-        f"MLflow tracking server {redact_url(uri)} is unreachable ({reason}; {attempts} attempts of "
-        f"{timeout_s:g}s). Start the server (`mlflow server --host ... --port ...`), or point "
-        "tracking.tracking_uri / MLFLOW_TRACKING_URI at a reachable one (unset it for a local sqlite store)."
-    )
 
 
 def ensure_tracking_store(cfg: TrackingConfig) -> TrackingConfig:
@@ -152,26 +94,6 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
     return str(client.create_experiment(name, artifact_location=location))
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a (dotted) config key names a secret: secret, password, token, access key, credentials."""
-    return bool(_SECRET_KEY.search(key))
-
-
-def redact_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a nested config without secret keys, and with URL passwords masked (for YAML artifacts)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): clean(v) for k, v in value.items() if not is_secret_key(str(k))}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        if isinstance(value, str):
-            return redact_url(value)
-        return value
-
-    return clean(config)
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -223,28 +145,6 @@ def run_tags(dataset_fingerprint: str | None = None, extra: Mapping[str, Any] | 
         tags["dataset.fingerprint"] = dataset_fingerprint
     tags.update({str(k): redact_url(str(v)) for k, v in (extra or {}).items() if not is_secret_key(str(k))})
     return tags
-
-
-@contextmanager
-def tracking_uri_scope(uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API (process-global) at ``uri`` inside the block, then restore the previous URI and
-    the ``MLFLOW_TRACKING_URI`` variable as they were. ``None``: leave everything as it is."""
-    if uri is None:
-        yield
-        return
-    import mlflow
-
-    previous = mlflow.get_tracking_uri()
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 class Tracker:
@@ -374,15 +274,23 @@ class Tracker:
             return
         self._client.log_text(self._require_run(), text, artifact_file)
 
-    def log_detector(self, **kwargs: Any) -> tuple[str, str | None] | None:
-        """:func:`jobs.pyfunc_model.log_detector` into this run (registered under the config's name unless
-        ``registered_model_name`` is given); ``None`` when disabled."""
+    def log_detector(
+        self, *, metrics: Mapping[str, float], registered_model_name: str | None = None, **kwargs: Any
+    ) -> tuple[str, str | None] | None:
+        """Log the detector into this run (:func:`jobs.pyfunc_model.log_detector`, same arguments) and register it
+        (:func:`jobs.registry.register_detector`) under ``registered_model_name``, else the config's name (not
+        registered when that is ``None``). Returns ``(logged model URI, version or None)``; ``None`` when
+        disabled."""
         if not self.enabled:
             return None
         from jobs.pyfunc_model import log_detector
+        from jobs.registry import register_detector
 
-        kwargs.setdefault("registered_model_name", self.cfg.registered_model_name)
-        return log_detector(run_id=self._require_run(), tracking_uri=self.tracking_uri, **kwargs)
+        name = registered_model_name or self.cfg.registered_model_name
+        model_uri = log_detector(metrics=metrics, run_id=self._require_run(), tracking_uri=self.tracking_uri, **kwargs)
+        if name is None:
+            return model_uri, None
+        return model_uri, register_detector(model_uri, str(name), metrics, tracking_uri=self.tracking_uri)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``. A job that will resume need not call it."""

@@ -32,7 +32,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from jobs.config import DatasetSpec, JobConfig
 from jobs.datasets import dataset_info
-from jobs.pyfunc_model import register_detector
+from jobs.registry import register_detector
 from jobs.tracking import Tracker, ensure_tracking_store
 from jobs.train import existing_run_id, job_run_id, run_storage, run_training
 from jobs.tune_config import Distribution, SweepConfig, trial_job, with_values

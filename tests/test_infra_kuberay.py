@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from jobs.tracking import is_secret_key
+from jobs.redact import is_secret_key
 from tests.infra_common import (
     AUTH_SECRET,
     CONFIGMAP_VARS,

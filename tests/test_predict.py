@@ -24,11 +24,12 @@ from PIL import Image
 from jobs.cli import main
 from jobs.config import DatasetSpec
 from jobs.local_s3 import free_port
+from jobs.mlflow_uri import tracking_uri_scope
 from jobs.model_eval import evaluate_model, load_for_eval
 from jobs.predict import OUTPUT_SCHEMA
 from jobs.predictor import Detections, Predictor
 from jobs.registry import list_models
-from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, tracking_uri_scope
+from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store
 from model.build import build_model
 from model.config import model_config
 from pipeline.categories import CategoryMap

@@ -28,13 +28,13 @@ import pytest
 import requests
 
 from jobs.dashboard_auth import DashboardError, load_token, normalize_address, resolve_address
+from jobs.redact import redact_url
 from jobs.submit import SubmitError, SubmitOptions, entrypoint, job_command, submit
 from jobs.submit_env import (
     WORKING_DIR_EXCLUDES,
     build_job_environment,
     environment_notes,
     measure_working_dir,
-    redact_url,
     secrets_in_args,
 )
 
@@ -143,7 +143,10 @@ def test_secrets_never_in_the_command_line(capsys: pytest.CaptureFixture[str]) -
     environ = {"AWS_SECRET_ACCESS_KEY": SECRET}
     assert secrets_in_args(["train", f"data.storage.secret_key={SECRET}"], environ) == ["AWS_SECRET_ACCESS_KEY"]
     assert secrets_in_args(["models", "list", "--tracking-uri", "http://u:p@mlflow:5000"], {}) == [
-        "a URL with a password"
+        "a URL with a password or a secret query value"
+    ]
+    assert secrets_in_args(["evaluate", "--tracking-uri", "https://mlflow/?token=abcd"], {}) == [
+        "a URL with a password or a secret query value"
     ]
     assert secrets_in_args(["train", "--config", "c.yaml"], environ) == []
     # Refused before anything is contacted (the address is not even resolved).

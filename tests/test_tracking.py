@@ -31,17 +31,10 @@ import yaml
 from PIL import Image
 
 from jobs.local_s3 import S3Server, free_port
-from jobs.pyfunc_model import CHAMPION, load_detector, log_detector, torch_detector, unwrap
-from jobs.registry import RegistryError, list_models, promote, pull
-from jobs.tracking import (
-    Tracker,
-    TrackingConfig,
-    TrackingError,
-    ensure_tracking_store,
-    flatten_config,
-    git_commit,
-    run_tags,
-)
+from jobs.mlflow_uri import TrackingError
+from jobs.pyfunc_model import load_detector, log_detector, torch_detector, unwrap
+from jobs.registry import CHAMPION, RegistryError, list_models, promote, pull
+from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, flatten_config, git_commit, run_tags
 from model.build import build_model
 from model.config import model_config
 from pipeline.categories import CategoryMap

@@ -73,7 +73,7 @@ def _score_model(args: argparse.Namespace) -> int:
     from jobs.denormals import flush_denormals
     from jobs.eval_plots import per_class_table
     from jobs.model_eval import evaluate_model, load_for_eval
-    from jobs.train import ensure_ray
+    from jobs.ray_env import ensure_ray
     from pipeline.storage import StorageConfig, write_bytes
 
     if args.annotations is not None and args.images is None:

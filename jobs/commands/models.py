@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.tracking import TrackingError
+    from jobs.mlflow_uri import TrackingError
 
     try:
         return {"list": _list, "promote": _promote, "pull": _pull}[args.action](args)

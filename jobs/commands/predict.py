@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.mlflow_uri import TrackingError
     from jobs.predict import PredictConfig, PredictError, run_predict
-    from jobs.tracking import TrackingError
     from pipeline.storage import StorageConfig, StorageError
 
     try:

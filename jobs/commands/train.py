@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(job.to_dict(), sort_keys=False))
         return 0
     from jobs.console import ray_console, results_text
-    from jobs.train import ensure_ray, run_training
+    from jobs.ray_env import ensure_ray
+    from jobs.train import run_training
 
     console = ray_console(args.verbose)
     ensure_ray(args.num_cpus, console=console)

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(yaml.safe_dump({**sweep.job.to_dict(), "tune": sweep.tune.to_dict()}, sort_keys=False))
         return 0
-    from jobs.train import ensure_ray
+    from jobs.ray_env import ensure_ray
     from jobs.tune import run_sweep
     from jobs.tune_results import results_table
 
