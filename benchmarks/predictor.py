@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from jobs.denormals import flush_denormals
-from jobs.predictor import Detections, Predictor
+from jobs.evaluate.predictor import Detections, Predictor
 from model.build import build_model
 from model.config import model_config
 from pipeline.collate import unscale_boxes

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 
 from jobs.config import resolve_job_config
-from jobs.train import run_training
+from jobs.train.job import run_training
 from pipeline.prepare import PrepareOptions, prepare_coco
 from pipeline.synth import SynthConfig, write_synth
 

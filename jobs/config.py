@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from jobs.tracking import TrackingConfig
+from jobs.mlflow.tracking import TrackingConfig
 from model.config import ModelConfig, model_config
 from model.typed_config import ConfigError, from_mapping, load_yaml, merge, parse_dotted, to_dict
 from pipeline.storage import StorageConfig

@@ -7,7 +7,7 @@ in its log files (``<session dir>/logs``) unless ``--verbose``.
 * :class:`PhaseBar` is one progress bar: tqdm on a terminal; in a pipe, a file or a Ray job's log, a line every
   ``every_s`` seconds and one at the end.
 * :func:`follow_progress` draws the training and evaluation bars on the driver from the events the workers post
-  to a :class:`jobs.progress.ProgressBoard` (the workers may be on other nodes: an actor carries them).
+  to a :class:`jobs.train.progress.ProgressBoard` (the workers may be on other nodes: an actor carries them).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from jobs.coco_eval import STAT_NAMES, summary_table
+from jobs.evaluate.coco_eval import STAT_NAMES, summary_table
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class PhaseBar:
 
 
 class ProgressView:
-    """Turns :class:`jobs.progress.ProgressBoard` events into bars: one for training, one per evaluation."""
+    """Turns :class:`jobs.train.progress.ProgressBoard` events into bars: one for training, one per evaluation."""
 
     def __init__(self, *, eval_images: int, tty: bool) -> None:
         self.eval_images, self.tty = eval_images, tty

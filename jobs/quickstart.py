@@ -97,7 +97,7 @@ def run_quickstart(
     """Data, training, evaluation, registration. ``console`` (:func:`jobs.console.ray_console`): progress
     bars for the data, training and evaluation phases, Ray's output per its verbosity (``None``: Ray's)."""
     from jobs.ray_env import ensure_ray
-    from jobs.train import run_training
+    from jobs.train.job import run_training
 
     synth, job_overrides = split_overrides(list(overrides or []))
     ensure_ray(num_cpus=max(2, os.cpu_count() or 2), console=console)

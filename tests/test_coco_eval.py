@@ -1,4 +1,4 @@
-"""COCO evaluation (``jobs.coco_eval``) equals a direct pycocotools run, exactly, on crafted cases; plus the
+"""COCO evaluation (``jobs.evaluate.coco_eval``) equals a direct pycocotools run, exactly, on crafted cases; plus the
 ``dhrcnn evaluate`` command and the evaluation plots."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from jobs.cli import main
-from jobs.coco_eval import STAT_NAMES, CocoMetrics, EvaluationInputError, detections_to_coco, evaluate_coco
-from jobs.eval_plots import (
+from jobs.evaluate.coco_eval import STAT_NAMES, CocoMetrics, EvaluationInputError, detections_to_coco, evaluate_coco
+from jobs.evaluate.plots import (
     PR_DPI,
     PR_FIGSIZE,
     draw_detections_grid,

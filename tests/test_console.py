@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from jobs.coco_eval import STAT_NAMES, evaluate_coco
 from jobs.console import PhaseBar, ProgressView, ray_console, results_text
+from jobs.evaluate.coco_eval import STAT_NAMES, evaluate_coco
 
 
 def test_phase_bar_outside_a_terminal_prints_a_line_per_interval_and_one_at_the_end() -> None:

@@ -175,7 +175,7 @@ def model() -> torch.nn.Module:
 def detect(model: torch.nn.Module, eval_stream: StreamRows) -> Callable[[int, str], tuple[dict[str, Tensor], Tensor]]:
     """``detect(image_id, source)``: ``(detections in original pixels, RPN proposals in input pixels)`` of the
     model fed our evaluation stream's image (``"jpeg"``) or mmdet's resized image (``"png"``), un-scaled with
-    our collated target, as evaluation does (``jobs.predictor``). Cached: each forward runs once."""
+    our collated target, as evaluation does (``jobs.evaluate.predictor``). Cached: each forward runs once."""
     cache: dict[tuple[int, str], tuple[dict[str, Tensor], Tensor]] = {}
     proposals: list[Tensor] = []
     model.rpn.register_forward_hook(lambda _module, _args, out: proposals.append(out[0][0]))

@@ -1,4 +1,5 @@
-"""``dhrcnn models`` and ``dhrcnn predict`` (jobs/commands/models.py, jobs/predict.py), through the CLI in-process.
+"""``dhrcnn models`` and ``dhrcnn predict`` (jobs/commands/models.py, jobs/evaluate/batch_predict.py), through the
+CLI in-process.
 
 A sqlite MLflow store holds two versions of a seeded ``tiny`` detector with random weights (boxes arbitrary but
 deterministic: all a parity check needs). The session's local Ray (``ray_cluster``) runs the actors, with the AWS
@@ -23,13 +24,13 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.config import DatasetSpec
+from jobs.evaluate.batch_predict import OUTPUT_SCHEMA
+from jobs.evaluate.model_eval import evaluate_model, load_for_eval
+from jobs.evaluate.predictor import Detections, Predictor
 from jobs.local_s3 import free_port
-from jobs.mlflow_uri import tracking_uri_scope
-from jobs.model_eval import evaluate_model, load_for_eval
-from jobs.predict import OUTPUT_SCHEMA
-from jobs.predictor import Detections, Predictor
-from jobs.registry import list_models
-from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store
+from jobs.mlflow.registry import list_models
+from jobs.mlflow.tracking import Tracker, TrackingConfig, ensure_tracking_store
+from jobs.mlflow.uri import tracking_uri_scope
 from model.build import build_model
 from model.config import model_config
 from pipeline.categories import CategoryMap

@@ -1,4 +1,4 @@
-"""jobs.predictor: the detections of an image do not depend on the images it is batched with.
+"""jobs.evaluate.predictor: the detections of an image do not depend on the images it is batched with.
 
 A tiny random detector (real torchvision parts) on uint8 images of several sizes. "Alone" is a forward pass of
 one image; the Predictor must give exactly those detections whatever else is in its input, and a batch padded
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.predictor import Detections, Predictor, padded_shape, predict_coco, shape_batches
+from jobs.evaluate.predictor import Detections, Predictor, padded_shape, predict_coco, shape_batches
 from model.build import build_model
 from model.config import model_config
 from pipeline.categories import CategoryMap

@@ -3,7 +3,7 @@ detections of the detector alone, and those match mmdetection's (``e2e_r18_coco6
 
 The detector is the fixture's R-18 (random weights, 3 classes) at mmdetection's test resize. Both commands run
 through their real paths: ``evaluate`` streams the raw COCO source through Ray Data (decode, resize, batches of
-4 images) into :class:`jobs.predictor.Predictor`; ``predict`` logs the detector as this project's MLflow model,
+4 images) into :class:`jobs.evaluate.predictor.Predictor`; ``predict`` logs the detector as this project's MLflow model,
 lists the image folder and runs the pyfunc in a Ray Data actor. "Alone" is one image per forward pass. The six
 images pad to six different shapes, so no image may share a forward pass: the detections must be identical,
 not merely close. Against mmdetection, the bound of the JPEG-path parity test applies (our Pillow resize is up
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from jobs.config import DatasetSpec
+from jobs.evaluate.batch_predict import PredictConfig, run_predict
+from jobs.evaluate.model_eval import evaluate_model, load_for_eval
+from jobs.evaluate.predictor import Detections, Predictor, padded_shape
 from jobs.local_s3 import S3Server
-from jobs.model_eval import evaluate_model, load_for_eval
-from jobs.predict import PredictConfig, run_predict
-from jobs.predictor import Detections, Predictor, padded_shape
-from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store
+from jobs.mlflow.tracking import Tracker, TrackingConfig, ensure_tracking_store
 from model.build import build_model
 from model.checkpoint import save_model
 from model.mmdet_import import config_from_mmdet, convert_state_dict

@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from jobs.dashboard_auth import DashboardError, load_token, normalize_address, resolve_address
-from jobs.redact import redact_url
-from jobs.submit import SubmitError, SubmitOptions, entrypoint, job_command, submit
-from jobs.submit_env import (
+from jobs.cluster.dashboard_auth import DashboardError, load_token, normalize_address, resolve_address
+from jobs.cluster.submit import SubmitError, SubmitOptions, entrypoint, job_command, submit
+from jobs.cluster.submit_env import (
     WORKING_DIR_EXCLUDES,
     build_job_environment,
     environment_notes,
     measure_working_dir,
     secrets_in_args,
 )
+from jobs.redact import redact_url
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

@@ -1,4 +1,5 @@
-"""MLflow tracking, the detector pyfunc and the registry helpers (jobs/tracking.py, pyfunc_model.py, registry.py).
+"""MLflow tracking, the detector pyfunc and the registry helpers (``jobs/mlflow/``: tracking.py, pyfunc_model.py,
+registry.py).
 
 A local sqlite store (one per module: creating its schema takes seconds) serves the run, resume and pyfunc tests;
 a real ``mlflow server`` with artifacts proxied to the moto S3 server serves the same flow over HTTP. The
@@ -31,10 +32,10 @@ import yaml
 from PIL import Image
 
 from jobs.local_s3 import S3Server, free_port
-from jobs.mlflow_uri import TrackingError
-from jobs.pyfunc_model import load_detector, log_detector, torch_detector, unwrap
-from jobs.registry import CHAMPION, RegistryError, list_models, promote, pull
-from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, flatten_config, git_commit, run_tags
+from jobs.mlflow.pyfunc_model import load_detector, log_detector, torch_detector, unwrap
+from jobs.mlflow.registry import CHAMPION, RegistryError, list_models, promote, pull
+from jobs.mlflow.tracking import Tracker, TrackingConfig, ensure_tracking_store, flatten_config, git_commit, run_tags
+from jobs.mlflow.uri import TrackingError
 from model.build import build_model
 from model.config import model_config
 from pipeline.categories import CategoryMap

@@ -7,9 +7,9 @@ import mlflow
 import pytest
 
 from jobs.config import JobConfig, resolve_job_config
-from jobs.schedule import lr_factor, scaled_lr
-from jobs.train import run_training
-from jobs.train_loop import NonFiniteLossError
+from jobs.train.job import run_training
+from jobs.train.loop import NonFiniteLossError
+from jobs.train.schedule import lr_factor, scaled_lr
 
 pytestmark = pytest.mark.timeout(900)
 NUM_TRAIN = 12  # the session's 15 synthetic images, 20 % to val
@@ -133,7 +133,7 @@ def test_killed_worker_recovers_from_its_checkpoint_and_matches_an_uninterrupted
 
 def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
     from jobs.config import DatasetSpec
-    from jobs.model_eval import evaluate_model, load_for_eval
+    from jobs.evaluate.model_eval import evaluate_model, load_for_eval
     from pipeline.storage import StorageConfig
 
     job = make_job(dataset, tmp_path, "registered", epochs=1)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from jobs.tune import TAG_SWEEP, run_sweep, trial_run_name
-from jobs.tune_config import SweepConfig, resolve_sweep_config
+from jobs.tune.config import SweepConfig, resolve_sweep_config
+from jobs.tune.sweep import TAG_SWEEP, run_sweep, trial_run_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 MODEL_NAME = "dh-tune"

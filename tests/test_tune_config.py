@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from jobs.cli import main
-from jobs.tune_config import Distribution, load_sweep_config, resolve_sweep_config, trial_job, with_values
-from jobs.tune_results import best_row, results_table, trial_row
+from jobs.tune.config import Distribution, load_sweep_config, resolve_sweep_config, trial_job, with_values
+from jobs.tune.results import best_row, results_table, trial_row
 from model.typed_config import ConfigError
 from pipeline.storage import StorageConfig
 

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
 def _score_model(args: argparse.Namespace) -> int:
     from jobs.config import DatasetSpec
     from jobs.denormals import flush_denormals
-    from jobs.eval_plots import per_class_table
-    from jobs.model_eval import evaluate_model, load_for_eval
+    from jobs.evaluate.model_eval import evaluate_model, load_for_eval
+    from jobs.evaluate.plots import per_class_table
     from jobs.ray_env import ensure_ray
     from pipeline.storage import StorageConfig, write_bytes
 
@@ -100,8 +100,8 @@ def _score_model(args: argparse.Namespace) -> int:
 
 
 def _score_results_file(args: argparse.Namespace) -> int:
-    from jobs.coco_eval import EvaluationInputError, evaluate_coco
-    from jobs.eval_plots import per_class_table
+    from jobs.evaluate.coco_eval import EvaluationInputError, evaluate_coco
+    from jobs.evaluate.plots import per_class_table
     from pipeline.storage import StorageConfig, StorageError, write_bytes
 
     storage = StorageConfig(endpoint_url=args.endpoint_url)

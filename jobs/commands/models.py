@@ -1,4 +1,4 @@
-"""``dhrcnn models``: the MLflow model registry (see :mod:`jobs.registry`).
+"""``dhrcnn models``: the MLflow model registry (see :mod:`jobs.mlflow.registry`).
 
     dhrcnn models list [NAME]                              versions, aliases, AP, run, creation time
     dhrcnn models promote NAME VERSION --alias staging     point the alias at VERSION (moved from where it was)
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.mlflow_uri import TrackingError
+    from jobs.mlflow.uri import TrackingError
 
     try:
         return {"list": _list, "promote": _promote, "pull": _pull}[args.action](args)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from jobs.registry import list_models
+    from jobs.mlflow.registry import list_models
 
     rows = list_models(args.name, tracking_uri=args.tracking_uri)
     if not rows:
@@ -63,7 +63,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from jobs.registry import list_models, promote
+    from jobs.mlflow.registry import list_models, promote
 
     before = [r.version for r in list_models(args.name, tracking_uri=args.tracking_uri) if args.alias in r.aliases]
     row = promote(args.name, args.version, args.alias, tracking_uri=args.tracking_uri)
@@ -73,7 +73,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from jobs.registry import pull
+    from jobs.mlflow.registry import pull
 
     folder = pull(args.model, Path(args.out), tracking_uri=args.tracking_uri)
     spec = json.loads((folder / "artifacts" / "detector.json").read_text())

@@ -5,7 +5,7 @@
 
 writes ``detections.json`` (COCO results), ``detections.parquet`` (one row per image), ``images.json`` (the
 ids, without ``--annotations``), ``rendered/*.jpg`` (``--render N``) and ``skipped.json`` (files that are not
-images, or not decodable: skipped with a warning). See :mod:`jobs.predict`. Ray: ``RAY_ADDRESS`` joins a
+images, or not decodable: skipped with a warning). See :mod:`jobs.evaluate.batch_predict`. Ray: ``RAY_ADDRESS`` joins a
 cluster, else a local Ray is started.
 """
 
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.mlflow_uri import TrackingError
-    from jobs.predict import PredictConfig, PredictError, run_predict
+    from jobs.evaluate.batch_predict import PredictConfig, PredictError, run_predict
+    from jobs.mlflow.uri import TrackingError
     from pipeline.storage import StorageConfig, StorageError
 
     try:

@@ -4,9 +4,9 @@
     dhrcnn submit --no-wait -- quickstart --workdir /shared/qs train.epochs=2
 
 The project is uploaded as the job's working directory; the S3/MLflow settings of this shell go with it,
-credentials only with ``--forward-credentials`` (see :mod:`jobs.submit_env`); a token is sent when the cluster
+credentials only with ``--forward-credentials`` (see :mod:`jobs.cluster.submit_env`); a token is sent when the cluster
 asks for one (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, see
-:mod:`jobs.dashboard_auth`). Exit status: 0 when the job succeeded (or was submitted, with ``--no-wait``),
+:mod:`jobs.cluster.dashboard_auth`). Exit status: 0 when the job succeeded (or was submitted, with ``--no-wait``),
 1 when it failed or was stopped, 2 when nothing was submitted, 130 when detached by Ctrl-C.
 """
 
@@ -63,8 +63,8 @@ def quiet_ray_client_logs() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.dashboard_auth import DashboardError, resolve_address
-    from jobs.submit import EXIT_NOT_SUBMITTED, SubmitError, SubmitOptions, job_command, submit
+    from jobs.cluster.dashboard_auth import DashboardError, resolve_address
+    from jobs.cluster.submit import EXIT_NOT_SUBMITTED, SubmitError, SubmitOptions, job_command, submit
 
     quiet_ray_client_logs()
     try:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from jobs.console import ray_console, results_text
     from jobs.ray_env import ensure_ray
-    from jobs.train import run_training
+    from jobs.train.job import run_training
 
     console = ray_console(args.verbose)
     ensure_ray(args.num_cpus, console=console)

@@ -17,15 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from jobs.tune_config import load_sweep_config
+    from jobs.tune.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.overrides)
     if args.dry_run:
         print(yaml.safe_dump({**sweep.job.to_dict(), "tune": sweep.tune.to_dict()}, sort_keys=False))
         return 0
     from jobs.ray_env import ensure_ray
-    from jobs.tune import run_sweep
-    from jobs.tune_results import results_table
+    from jobs.tune.results import results_table
+    from jobs.tune.sweep import run_sweep
 
     ensure_ray(args.num_cpus)
     result = run_sweep(sweep)

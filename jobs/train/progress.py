@@ -16,8 +16,8 @@ from typing import Any
 import ray
 import torch
 
-from jobs.checkpoint import Progress
 from jobs.config import TrainConfig
+from jobs.train.checkpoint import Progress
 
 
 @ray.remote(num_cpus=0)

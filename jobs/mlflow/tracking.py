@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jobs.mlflow_uri import TrackingError, check_reachable, resolve_tracking_uri
+from jobs.mlflow.uri import TrackingError, check_reachable, resolve_tracking_uri
 from jobs.redact import is_secret_key, redact_config, redact_url
 
 DEFAULT_EXPERIMENT = "double-head-frcnn"
@@ -277,14 +277,14 @@ class Tracker:
     def log_detector(
         self, *, metrics: Mapping[str, float], registered_model_name: str | None = None, **kwargs: Any
     ) -> tuple[str, str | None] | None:
-        """Log the detector into this run (:func:`jobs.pyfunc_model.log_detector`, same arguments) and register it
-        (:func:`jobs.registry.register_detector`) under ``registered_model_name``, else the config's name (not
-        registered when that is ``None``). Returns ``(logged model URI, version or None)``; ``None`` when
-        disabled."""
+        """Log the detector into this run (:func:`jobs.mlflow.pyfunc_model.log_detector`, same arguments) and
+        register it (:func:`jobs.mlflow.registry.register_detector`) under ``registered_model_name``, else the
+        config's name (not registered when that is ``None``). Returns ``(logged model URI, version or None)``;
+        ``None`` when disabled."""
         if not self.enabled:
             return None
-        from jobs.pyfunc_model import log_detector
-        from jobs.registry import register_detector
+        from jobs.mlflow.pyfunc_model import log_detector
+        from jobs.mlflow.registry import register_detector
 
         name = registered_model_name or self.cfg.registered_model_name
         model_uri = log_detector(metrics=metrics, run_id=self._require_run(), tracking_uri=self.tracking_uri, **kwargs)

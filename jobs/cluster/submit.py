@@ -3,10 +3,10 @@
 The job's command line is ``python -m jobs.cli <command> <args>``, run in the uploaded project (the job's
 working directory, on its PYTHONPATH), so the cluster runs the code of this checkout; inside the job
 ``RAY_ADDRESS`` is set by Ray and the command joins the cluster. Its runtime environment is
-:class:`jobs.submit_env.JobEnvironment` (settings forwarded, credentials only on request). The command line is
-refused if it holds a secret (:func:`jobs.submit_env.secrets_in_args`): secrets travel in the environment.
+:class:`jobs.cluster.submit_env.JobEnvironment` (settings forwarded, credentials only on request). The command line is
+refused if it holds a secret (:func:`jobs.cluster.submit_env.secrets_in_args`): secrets travel in the environment.
 
-The dashboard is asked first whether it needs a token (:mod:`jobs.dashboard_auth`), which also makes an
+The dashboard is asked first whether it needs a token (:mod:`jobs.cluster.dashboard_auth`), which also makes an
 unreachable address fail within seconds. Then the job is submitted and, unless ``wait`` is off, its logs are
 followed to ``stdout`` until it ends; everything else is written to ``stderr``. Ctrl-C while following detaches
 (the job keeps running, and the ``ray job`` commands to follow or stop it are printed) or, with
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 from urllib.parse import urlsplit
 
-from jobs.dashboard_auth import AuthToken, DashboardError, probe_dashboard, required_token
-from jobs.submit_env import (
+from jobs.cluster.dashboard_auth import AuthToken, DashboardError, probe_dashboard, required_token
+from jobs.cluster.submit_env import (
     UPLOAD_LIMIT_BYTES,
     JobEnvironment,
     build_job_environment,
@@ -40,7 +40,7 @@ from jobs.submit_env import (
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # jobs/cluster/submit.py -> the checkout
 # The job's interpreter: the cluster's `python` (the one with Ray and this project's dependencies).
 JOB_PYTHON = "python"
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")

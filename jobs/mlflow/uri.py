@@ -1,6 +1,6 @@
 """Where MLflow is: the tracking URI resolved, checked for reachability, and set for MLflow's fluent API only
-inside a scope. The base of the MLflow modules: the model format (:mod:`jobs.pyfunc_model`), the registry
-(:mod:`jobs.registry`) and run tracking (:mod:`jobs.tracking`) import it, in that one direction."""
+inside a scope. The base of the MLflow modules: the model format (:mod:`jobs.mlflow.pyfunc_model`), the registry
+(:mod:`jobs.mlflow.registry`) and run tracking (:mod:`jobs.mlflow.tracking`) import it, in that one direction."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from jobs.tune_config import SweepConfig
+from jobs.tune.config import SweepConfig
 
 Status = Literal["completed", "stopped early", "error", "unfinished"]
 AP = "val/AP"

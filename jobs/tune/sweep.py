@@ -1,8 +1,8 @@
 """A Ray Tune sweep over the training job (``dhrcnn tune``), on Ray Train V2.
 
 Tune runs a function trainable, :func:`train_trial`, once per trial: it builds the trial's job (the base job
-with the sampled values, see :func:`jobs.tune_config.trial_job`) and fits it with
-:func:`jobs.train.run_training`, whose ``TorchTrainer`` forwards every ``ray.train.report`` of worker 0 to
+with the sampled values, see :func:`jobs.tune.config.trial_job`) and fits it with
+:func:`jobs.train.job.run_training`, whose ``TorchTrainer`` forwards every ``ray.train.report`` of worker 0 to
 Tune through ``TuneReportCallback``. ASHA stops trials on ``val/AP`` at the epochs of its rungs.
 
 Names and storage, under ``run.storage_path``: the Tune experiment is ``<sweep>/`` (``run.name`` is the sweep
@@ -32,11 +32,11 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from jobs.config import DatasetSpec, JobConfig
 from jobs.datasets import dataset_info
-from jobs.registry import register_detector
-from jobs.tracking import Tracker, ensure_tracking_store
-from jobs.train import existing_run_id, job_run_id, run_storage, run_training
-from jobs.tune_config import Distribution, SweepConfig, trial_job, with_values
-from jobs.tune_results import TrialRow, best_row, results_table, trial_row
+from jobs.mlflow.registry import register_detector
+from jobs.mlflow.tracking import Tracker, ensure_tracking_store
+from jobs.train.job import existing_run_id, job_run_id, run_storage, run_training
+from jobs.tune.config import Distribution, SweepConfig, trial_job, with_values
+from jobs.tune.results import TrialRow, best_row, results_table, trial_row
 from pipeline.storage import is_s3, join
 
 TAG_SWEEP = "dhrcnn.sweep"

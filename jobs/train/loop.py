@@ -15,13 +15,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from jobs.checkpoint import Progress, load_state, restore, save_state, temp_checkpoint_dir
 from jobs.config import JobConfig
 from jobs.denormals import flush_denormals
-from jobs.evaluation import Evaluator
-from jobs.progress import StepMeter
-from jobs.schedule import build_optimizer
-from jobs.tracking import Tracker
+from jobs.mlflow.tracking import Tracker
+from jobs.train.checkpoint import Progress, load_state, restore, save_state, temp_checkpoint_dir
+from jobs.train.evaluation import Evaluator
+from jobs.train.progress import StepMeter
+from jobs.train.schedule import build_optimizer
 from model.build import build_model
 from pipeline.categories import CategoryMap
 from pipeline.stream import iter_train_batches

@@ -3,7 +3,7 @@
 Every function takes an optional ``tracking_uri`` (``None``: ``MLFLOW_TRACKING_URI``, else the local
 ``sqlite:///<cwd>/mlflow.db``), checks that a tracking server answers (bounded, seconds) and turns MLflow's
 errors into :class:`RegistryError` messages that say what exists: the registered names, a model's aliases, its
-versions. :func:`pull` accepts only pyfuncs written by :func:`jobs.pyfunc_model.log_detector`.
+versions. :func:`pull` accepts only pyfuncs written by :func:`jobs.mlflow.pyfunc_model.log_detector`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from jobs.coco_eval import STAT_NAMES
-from jobs.mlflow_uri import TrackingError, check_reachable, resolve_tracking_uri, tracking_uri_scope
-from jobs.pyfunc_model import FORMAT
+from jobs.evaluate.coco_eval import STAT_NAMES
+from jobs.mlflow.pyfunc_model import FORMAT
+from jobs.mlflow.uri import TrackingError, check_reachable, resolve_tracking_uri, tracking_uri_scope
 from jobs.redact import redact_url
 
 CHAMPION = "champion"
@@ -200,7 +200,7 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
     """Download the detector pyfunc at ``model_uri`` into ``out_dir`` (created; must be empty) and return it.
 
     The folder is a complete MLflow model: ``mlflow.pyfunc.load_model(out_dir)`` or
-    :func:`jobs.pyfunc_model.load_detector` predicts with it; ``artifacts/detector.json`` holds the label map,
+    :func:`jobs.mlflow.pyfunc_model.load_detector` predicts with it; ``artifacts/detector.json`` holds the label map,
     preprocessing, metrics and training config. Raises :class:`RegistryError` for unknown names, aliases or
     versions and for models of another flavour (checked on the ``MLmodel`` file before the weights download).
     """
@@ -235,7 +235,7 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
 
 def register_detector(model_uri: str, name: str, metrics: Mapping[str, Any], tracking_uri: str | None = None) -> str:
     """Register the detector logged at ``model_uri`` (``models:/m-...``, by
-    :func:`jobs.pyfunc_model.log_detector`) as a new version of ``name``, tagged with its COCO metrics (bare or
+    :func:`jobs.mlflow.pyfunc_model.log_detector`) as a new version of ``name``, tagged with its COCO metrics (bare or
     ``val/``-prefixed keys of ``metrics``; other entries ignored), and move alias ``champion`` to it if its AP
     beats the champion's (a model without AP never replaces an existing champion). Returns the version."""
     numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -21,9 +21,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
 from jobs.datasets import dataset_info, source_of
-from jobs.progress import ProgressBoard
-from jobs.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_tags
-from jobs.train_loop import num_iters_per_epoch, train_worker
+from jobs.mlflow.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_tags
+from jobs.train.loop import num_iters_per_epoch, train_worker
+from jobs.train.progress import ProgressBoard
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
 from pipeline.stream import StreamConfig, eval_dataset, train_dataset
 

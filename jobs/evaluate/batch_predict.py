@@ -7,7 +7,7 @@
    by extension (:data:`IMAGE_SUFFIXES`) and given ids.
 2. ``ray.data.from_items`` of ``(uri, file_name, image_id)`` -> ``map_batches`` on a pool of ``concurrency``
    :class:`DetectorActor` (model loaded once per actor; a GPU each when the cluster has GPUs): fetch, decode
-   (EXIF applied), then the model's :class:`~jobs.predictor.Predictor`, as the served pyfunc does (evaluation
+   (EXIF applied), then the model's :class:`~jobs.evaluate.predictor.Predictor`, as the served pyfunc does (evaluation
    resize, batches of equal padded shape only, so results do not depend on the batch; boxes back in original
    pixels). Fetching in the actor leaves no read
    tasks for a pool holding every CPU of a small machine to starve. 3. Results (small) written by the driver.
@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from jobs.mlflow_uri import resolve_tracking_uri
-from jobs.registry import check_detector
+from jobs.mlflow.registry import check_detector
+from jobs.mlflow.uri import resolve_tracking_uri
 from pipeline.storage import StorageConfig, StorageError, join, list_files, read_bytes, read_many, resolve, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -181,7 +181,7 @@ class DetectorActor:
         import torch
 
         from jobs.denormals import flush_denormals
-        from jobs.pyfunc_model import load_detector, unwrap
+        from jobs.mlflow.pyfunc_model import load_detector, unwrap
 
         flush_denormals()  # this actor's process runs the detector (jobs/denormals.py)
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
@@ -305,7 +305,7 @@ def _write_outputs(cfg: PredictConfig, table: pa.Table, skipped: list[tuple[str,
 
 
 def _coco_results(row: dict[str, Any]) -> list[dict[str, Any]]:
-    from jobs.coco_eval import detections_to_coco
+    from jobs.evaluate.coco_eval import detections_to_coco
 
     boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
     category_of = dict(zip(row["labels"], row["category_ids"], strict=True))
@@ -314,8 +314,8 @@ def _coco_results(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _render(cfg: PredictConfig, row: dict[str, Any]) -> bytes:
     """The image of ``row`` as a JPEG with its boxes (score >= ``cfg.render_score_thresh``) and captions, drawn
-    by the evaluation pictures' renderer (:func:`jobs.eval_plots.annotate`)."""
-    from jobs.eval_plots import annotate
+    by the evaluation pictures' renderer (:func:`jobs.evaluate.plots.annotate`)."""
+    from jobs.evaluate.plots import annotate
     from pipeline.decode import decode_image
 
     data = read_bytes(join(cfg.images.rstrip("/"), row["file_name"]), cfg.storage)

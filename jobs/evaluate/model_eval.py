@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from jobs.coco_eval import CocoMetrics, evaluate_coco
 from jobs.config import DatasetSpec
 from jobs.datasets import dataset_info, source_of
-from jobs.predictor import Predictor, predict_coco
+from jobs.evaluate.coco_eval import CocoMetrics, evaluate_coco
+from jobs.evaluate.predictor import Predictor, predict_coco
 from pipeline.categories import CategoryMap
 from pipeline.storage import StorageConfig
 from pipeline.stream import StreamConfig, eval_dataset, iter_eval_batches
@@ -38,7 +38,7 @@ def load_for_eval(model_uri: str, tracking_uri: str | None = None, device: str =
         model, _, meta = load_model(model_uri, map_location=device)
         resize = ResizeConfig(**meta["resize"]) if "resize" in meta else ResizeConfig()
         return LoadedDetector(model, resize, None)
-    from jobs.pyfunc_model import load_detector, unwrap
+    from jobs.mlflow.pyfunc_model import load_detector, unwrap
 
     inner = unwrap(load_detector(model_uri, tracking_uri=tracking_uri, device=device))
     return LoadedDetector(inner.detector, inner.resize, inner.categories)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.coco_eval import CocoMetrics
+from jobs.evaluate.coco_eval import CocoMetrics
 from pipeline.storage import StorageConfig, write_bytes
 
 GT_COLOR = (0, 200, 0)  # green

@@ -2,7 +2,7 @@
 
 What is logged (:func:`log_detector`):
 
-* ``pyfunc_entry.py``: MLflow's "model from code" file (:mod:`jobs.pyfunc_entry`), which builds the
+* ``pyfunc_entry.py``: MLflow's "model from code" file (:mod:`jobs.mlflow.pyfunc_entry`), which builds the
   :class:`DetectorModel` at load time instead of unpickling one (no cloudpickle, nothing that runs on unpickling).
 * ``artifacts/weights.pt``: ``torch.save`` of a plain ``{name: tensor}`` state dict, loaded back with
   ``torch.load(weights_only=True)``.
@@ -19,7 +19,7 @@ Input (a pandas DataFrame; ``mlflow models serve`` receives it as JSON)::
 
 Python callers may also put raw encoded ``bytes`` or RGB uint8 ``[H, W, 3]`` numpy arrays in the column. Each
 image is decoded (EXIF orientation applied), resized with the run's evaluation resize and detected by
-:class:`jobs.predictor.Predictor` (batched only with images of its padded shape, so results do not depend on
+:class:`jobs.evaluate.predictor.Predictor` (batched only with images of its padded shape, so results do not depend on
 the batch), its boxes mapped back to the original image. Output: one row per
 image with ``boxes`` (list of ``[x1, y1, x2, y2]`` in original-image pixels), ``scores`` (descending),
 ``labels`` (1..K), ``category_ids`` (the dataset's ids) and ``category_names``.
@@ -50,8 +50,8 @@ import jobs
 import model as model_package
 import pipeline
 from jobs.denormals import flush_denormals
-from jobs.mlflow_uri import tracking_uri_scope
-from jobs.predictor import Predictor
+from jobs.evaluate.predictor import Predictor
+from jobs.mlflow.uri import tracking_uri_scope
 from jobs.redact import redact_config
 from model.build import build_model
 from model.config import ModelConfig
@@ -63,7 +63,7 @@ from pipeline.transforms import ResizeConfig
 FORMAT = "dhrcnn-pyfunc/1"  # the detector pyfunc's marker: MLmodel metadata.dhrcnn_format, detector.json format
 OUTPUT_COLUMNS = ("boxes", "scores", "labels", "category_ids", "category_names")
 _REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pandas", "pyyaml", "mlflow")
-ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # the model-from-code file, see jobs/pyfunc_entry.py
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # the model-from-code file, see jobs/mlflow/pyfunc_entry.py
 
 
 def _image_from_value(value: Any, index: int) -> np.ndarray:
@@ -108,9 +108,10 @@ def _input_images(model_input: Any) -> list[Any]:
 
 
 class DetectorModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc: created by :mod:`jobs.pyfunc_entry` (MLflow's model from code), built in :meth:`load_context`
-    from ``detector.json`` and ``weights.pt``. After loading: ``detector`` (the torch module, eval mode),
-    ``categories``, ``resize``, ``spec``, and ``predictor`` (the :class:`~jobs.predictor.Predictor` that runs it).
+    """The pyfunc: created by :mod:`jobs.mlflow.pyfunc_entry` (MLflow's model from code), built in
+    :meth:`load_context` from ``detector.json`` and ``weights.pt``. After loading: ``detector`` (the torch module,
+    eval mode), ``categories``, ``resize``, ``spec``, and ``predictor`` (the
+    :class:`~jobs.evaluate.predictor.Predictor` that runs it).
 
     It runs on the GPU when one is visible; :meth:`to` moves it.
     """
@@ -210,8 +211,8 @@ def log_detector(
     name: str = "model",
 ) -> str:
     """Log ``model`` as a pyfunc to run ``run_id`` (``None``: MLflow's active run); returns the logged model's
-    URI (``models:/m-...``). Registering it is :func:`jobs.registry.register_detector`'s job (or
-    :meth:`jobs.tracking.Tracker.log_detector`, which does both). ``metrics`` are stored in ``detector.json``."""
+    URI (``models:/m-...``). Registering it is :func:`jobs.mlflow.registry.register_detector`'s job (or
+    :meth:`jobs.mlflow.tracking.Tracker.log_detector`, which does both). ``metrics`` are stored in ``detector.json``."""
     cmap = categories if isinstance(categories, CategoryMap) else CategoryMap.from_dict(categories)
     if cmap.num_classes != model_cfg.num_classes:
         raise ValueError(f"category map has {cmap.num_classes} classes but the model {model_cfg.num_classes}")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jobs.coco_eval import detections_to_coco
+from jobs.evaluate.coco_eval import detections_to_coco
 from pipeline.categories import CategoryMap
 from pipeline.collate import unscale_boxes
 from pipeline.transforms import ResizeConfig, eval_transform

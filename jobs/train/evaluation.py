@@ -13,18 +13,18 @@ import ray
 import torch
 import torch.distributed as dist
 
-from jobs.coco_eval import STAT_NAMES, evaluate_coco
 from jobs.config import JobConfig
-from jobs.eval_plots import draw_detections_grid, per_class_table, plot_pr_curves
-from jobs.predictor import Predictor, predict_coco
-from jobs.progress import console
+from jobs.evaluate.coco_eval import STAT_NAMES, evaluate_coco
+from jobs.evaluate.plots import draw_detections_grid, per_class_table, plot_pr_curves
+from jobs.evaluate.predictor import Predictor, predict_coco
+from jobs.train.progress import console
 from pipeline.categories import CategoryMap
 from pipeline.stream import iter_eval_batches
 
 
 class Evaluator:
     """``run(model, shard, step) -> {"val/AP": ..., ...}`` on every rank (collective: all ranks call it). With a
-    ``board`` (:class:`jobs.progress.ProgressBoard`) every rank posts its progress there, rank 0 the result."""
+    ``board`` (:class:`jobs.train.progress.ProgressBoard`) every rank posts its progress there, rank 0 the result."""
 
     def __init__(
         self,
