@@ -3,8 +3,11 @@ handling, and one MLflow run per job. Small synthetic data, the ``tiny`` detecto
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
+import yaml
 
 from jobs.config import JobConfig, resolve_job_config
 from jobs.train.job import run_training
@@ -56,12 +59,13 @@ def mlflow_runs(job: JobConfig):
 @pytest.mark.slow
 def test_resume_continues_at_checkpoint_iteration_with_scheduled_lr(dataset, tmp_path):
     job = make_job(dataset, tmp_path, "resume", fail_at_iter=5)  # dies after the checkpoint at iteration 4
-    with pytest.raises(Exception):  # noqa: B017 - the worker's os._exit surfaces as a Ray Train error
+    with pytest.raises(Exception) as failure:  # the worker's os._exit surfaces as a Ray Train error
         run_training(job)
     client, runs = mlflow_runs(job)
-    assert len(runs) == 1
+    assert len(runs) == 1, f"the first run failed before its MLflow run existed: {failure.value!r}"
     run_id = runs[0].info.run_id
     logged_before = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    assert logged_before, f"the first run failed before training (not the injected exit): {failure.value!r}"
     assert max(logged_before) == 5  # iterations 1..5 logged, 5 never checkpointed
 
     result = run_training(make_job(dataset, tmp_path, "resume"))  # same name and storage: resumes
@@ -149,6 +153,9 @@ def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
     assert "val/AP" in run.data.metrics and "data.storage.secret_access_key" not in run.data.params
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert artifacts, "evaluation plots are logged"
+    beside_run = yaml.safe_load((tmp_path / "runs" / "registered" / "config.yaml").read_text())
+    logged = yaml.safe_load(Path(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))).read_text())
+    assert beside_run == logged and resolve_job_config(beside_run).model == job.model
 
     detector = load_for_eval("models:/dh-test@champion", tracking_uri=uri)
     metrics, _ = evaluate_model(detector, DatasetSpec(parquet=str(dataset / "parquet" / "val")), StorageConfig())

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 import ray.train
+import yaml
 from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -22,12 +23,14 @@ from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
 from jobs.datasets import dataset_info, source_of
 from jobs.mlflow.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_tags
+from jobs.redact import redact_config
 from jobs.train.loop import num_iters_per_epoch, train_worker
 from jobs.train.progress import ProgressBoard
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
 from pipeline.stream import StreamConfig, eval_dataset, train_dataset
 
 RUN_ID_MARKER = "mlflow_run_id"  # next to the Ray Train run: the job's MLflow run id
+CONFIG_FILE = "config.yaml"  # next to the Ray Train run: the resolved job config, secrets removed
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,10 @@ def job_run_id(
     *,
     parent_run_id: str | None = None,
 ) -> str:
-    """The job's MLflow run: created (params, config, tags) on the first start, its id kept next to the Ray
-    Train run so that a restarted job and recovered workers continue the same run. With ``parent_run_id``
-    the run is nested under that one (tag ``mlflow.parentRunId``)."""
+    """The job's MLflow run: created (params, config, tags) on the first start, its id and the resolved config
+    (:data:`CONFIG_FILE`, as logged to MLflow) kept next to the Ray Train run so that a restarted job and
+    recovered workers continue the same run. With ``parent_run_id`` the run is nested under that one (tag
+    ``mlflow.parentRunId``)."""
     existing = existing_run_id(run_dir, storage)
     if existing is not None:
         return existing
@@ -171,6 +175,9 @@ def job_run_id(
         extra["mlflow.parentRunId"] = parent_run_id
     tracker.set_tags(run_tags(fingerprint, extra))
     _local_dir(run_dir)
+    # the resolved config beside the Ray run, as logged to MLflow (secrets removed)
+    config_yaml = yaml.safe_dump(redact_config(job.to_dict()), sort_keys=False)
+    write_bytes(join(run_dir, CONFIG_FILE), config_yaml.encode(), storage)
     write_bytes(join(run_dir, RUN_ID_MARKER), run_id.encode(), storage)
     return run_id
 
