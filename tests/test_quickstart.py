@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import RAY_TEST_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 40  # the full quickstart (300 images, 8 epochs) prints about as many; Ray's own output: thousands
 
@@ -42,7 +44,7 @@ def test_quickstart_prints_progress_and_results_only(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "quickstart", "train.epochs=1", "synth.num_images=40"],
         cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(REPO)},
+        env={**env, **RAY_TEST_ENV, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=1440,  # 80 s on a quiet 2-core machine; beside two busy processes it took over 540 s

@@ -37,6 +37,7 @@ from jobs.cluster.submit_env import (
     secrets_in_args,
 )
 from jobs.redact import redact_url
+from tests.conftest import RAY_TEST_ENV
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -50,6 +51,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without AWS/MLflow/Ray settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
     env["PYTHONPATH"] = str(ROOT)
+    env.update(RAY_TEST_ENV)
     env.update(extra)
     return env
 
