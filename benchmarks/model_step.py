@@ -19,7 +19,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -30,7 +32,8 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from jobs.denormals import flush_denormals
-from model import build_detector
+from model import build_criterion, build_model, model_config
+from model.outputs import RPNOutputs
 
 HEADS = ("fc", "double", "double_ext")
 NOTE = (
@@ -123,10 +126,12 @@ def build_torchvision(args: argparse.Namespace) -> nn.Module:
     )
 
 
-def build_ours(head: str, args: argparse.Namespace) -> nn.Module:
+def build_ours(head: str, args: argparse.Namespace) -> tuple[nn.Module, Callable]:
+    """Our detector with ``head`` and the criterion that scores its training outputs."""
     preset = "frcnn_r50_fpn" if head == "fc" else "dh_r50_fpn"
     roi_head = {"head": head, "sampling_ratio": args.sampling_ratio}
-    return build_detector(preset, args.num_classes, roi_head=roi_head, backbone={"norm": args.norm})
+    cfg = model_config(preset, args.num_classes, roi_head=roi_head, backbone={"norm": args.norm})
+    return build_model(cfg), build_criterion(cfg)
 
 
 def sync(device: torch.device) -> None:
@@ -146,11 +151,14 @@ def roi_head_flops(model: nn.Module, num_rois: int, device: torch.device) -> int
 
 
 class Bench:
-    """One model with its optimizer; ``prepare(mode)`` = FLOP pass + warm-up, ``timed(mode)`` = one timed run."""
+    """One model with its optimizer; ``prepare(mode)`` = FLOP pass + warm-up, ``timed(mode)`` = one timed run.
 
-    def __init__(self, name: str, model: nn.Module, images, targets, fixed_props, args, device) -> None:
-        self.name, self.model, self.images, self.targets, self.args, self.device = (
-            name, model.to(device), images, targets, args, device)  # fmt: skip
+    ``criterion`` turns the model's training output into the loss dict (torchvision's model returns it already).
+    """
+
+    def __init__(self, name: str, model: nn.Module, criterion: Callable, images, targets, fixed_props, args, device):
+        self.name, self.model, self.criterion, self.images, self.targets, self.args, self.device = (
+            name, model.to(device), criterion, images, targets, args, device)  # fmt: skip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=1e-5, momentum=0.9, weight_decay=1e-4)
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
@@ -158,9 +166,13 @@ class Bench:
         self.times: dict[str, list[float]] = {"train": [], "infer": []}
         self.stats: dict[str, float] = {"train_mem_gib": 0.0, "infer_mem_gib": 0.0}
 
-        def rpn_hook(_m, _i, out):
-            self.rpn_kept.extend(len(b) for b in out[0])
-            return out if args.rpn_proposals else ([p.clone() for p in fixed_props], out[1])
+        def rpn_hook(_m, _i, out):  # ours returns RPNOutputs, torchvision's (proposals, losses)
+            ours = isinstance(out, RPNOutputs)
+            self.rpn_kept.extend(len(b) for b in (out.proposals if ours else out[0]))
+            if args.rpn_proposals:
+                return out
+            fixed = [p.clone() for p in fixed_props]
+            return replace(out, proposals=fixed) if ours else (fixed, out[1])
 
         model.rpn.register_forward_hook(rpn_hook)
 
@@ -170,7 +182,7 @@ class Bench:
                 return self.model(self.images)
         self.opt.zero_grad(set_to_none=True)
         with self.amp:
-            losses = self.model(self.images, self.targets)
+            losses = self.criterion(self.model(self.images, self.targets))
         sum(losses.values()).backward()
         self.opt.step()
         return None
@@ -278,9 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     benches = []
     for name in ["torchvision", *args.heads]:
         torch.manual_seed(args.seed)
-        model = build_torchvision(args) if name == "torchvision" else build_ours(name, args)
+        model, criterion = (build_torchvision(args), dict) if name == "torchvision" else build_ours(name, args)
         ims = float_images if name == "torchvision" else images
-        benches.append(Bench(name, model, ims, targets, fixed_props, args, device))
+        benches.append(Bench(name, model, criterion, ims, targets, fixed_props, args, device))
     for mode in ("train", "infer"):  # interleaved rounds, rotating order: load changes hit every model alike
         for b in benches:
             b.prepare(mode)

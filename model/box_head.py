@@ -5,12 +5,28 @@ FPN baseline's two-fc head. Built from torchvision parts (``TwoMLPHead``, ``Bott
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import Conv2dNormActivation
 
-from model.losses import BoxHeadOutput
+from model.outputs import BoxHeadOutput
+
+
+def softmax_scores(out: BoxHeadOutput) -> Tensor:
+    """``[N, K+1]`` float32 class probabilities (column 0 = background) from ``out.cls_logits``."""
+    return torch.softmax(out.cls_logits.float(), dim=1)
+
+
+def fuse_ext_scores(cls_logits_fc: Tensor, cls_logits_conv: Tensor) -> Tensor:
+    """Double-Head-Ext complementary fusion on softmax probabilities: ``s_fc + s_conv·(1 − s_fc)``.
+
+    ``[N, K+1]`` logits each -> ``[N, K+1]`` float32 fused scores (column 0 is background and is not used).
+    """
+    s_fc = torch.softmax(cls_logits_fc.float(), dim=1)
+    s_conv = torch.softmax(cls_logits_conv.float(), dim=1)
+    return s_fc + s_conv * (1 - s_fc)
 
 
 class BasicResBlock(nn.Module):
@@ -53,7 +69,7 @@ class DoubleHeadBoxHead(nn.Module):
     ``forward(x_cls [N, C, S, S], x_reg [N, C, S, S]) -> BoxHeadOutput`` with ``cls_logits [N, K+1]``
     (background column 0) from the fc branch and ``box_deltas [N, 4K]`` from the conv branch. With
     ``ext=True`` (Double-Head-Ext) the conv branch also classifies (``cls_logits_conv``) and the fc branch
-    also regresses (``box_deltas_fc``).
+    also regresses (``box_deltas_fc``), and :meth:`class_scores` fuses the two classifiers.
     """
 
     def __init__(
@@ -94,11 +110,19 @@ class DoubleHeadBoxHead(nn.Module):
             box_deltas_fc=None if self.ext_fc_reg is None else self.ext_fc_reg(x_fc),
         )
 
+    def class_scores(self, out: BoxHeadOutput) -> Tensor:
+        """``[N, K+1]`` float32 test-time probabilities: the fc branch's softmax, or for Double-Head-Ext its
+        complementary fusion with the conv branch's (:func:`fuse_ext_scores`)."""
+        if out.cls_logits_conv is None:
+            return softmax_scores(out)
+        return fuse_ext_scores(out.cls_logits, out.cls_logits_conv)
+
 
 class TwoFCBoxHead(nn.Module):
     """The FPN baseline head (mmdet ``Shared2FCBBoxHead``): two shared fcs, then cls and class-specific reg.
 
-    ``forward(x [N, C, S, S], x_reg=None) -> BoxHeadOutput`` (``x_reg`` is ignored: one RoI scale).
+    ``forward(x [N, C, S, S], x_reg=None) -> BoxHeadOutput`` (``x_reg`` is ignored: one RoI scale);
+    ``class_scores(out) -> [N, K+1]`` softmax probabilities.
     """
 
     def __init__(self, in_channels: int, num_classes: int, roi_size: int = 7, fc_channels: int = 1024) -> None:
@@ -113,3 +137,7 @@ class TwoFCBoxHead(nn.Module):
     def forward(self, x: Tensor, x_reg: Tensor | None = None) -> BoxHeadOutput:
         h = self.fc_branch(x)
         return BoxHeadOutput(cls_logits=self.fc_cls(h), box_deltas=self.fc_reg(h))
+
+    def class_scores(self, out: BoxHeadOutput) -> Tensor:
+        """``[N, K+1]`` float32 softmax probabilities (column 0 = background)."""
+        return softmax_scores(out)

@@ -1,10 +1,11 @@
-"""The detector: torchvision's ``GeneralizedRCNN`` over our backbone, RPN and Double-Head RoI heads.
+"""The detector: torchvision's ``GeneralizedRCNN`` over our backbone, RPN and Double-Head RoI heads. It
+returns raw outputs; :class:`model.criterion.DetectionCriterion` computes the losses.
 
 Input contract (spec §1.1, issue 2 §5): a list of ``[3, H, W]`` RGB images, uint8 or float in 0–255,
 already resized by the data pipeline. The model normalises with ImageNet mean/std ×255 and pads to a
-multiple of 32 with zeros after normalisation; it never resizes. Training targets per image:
-``boxes [N, 4]`` float xyxy in input pixels and ``labels [N]`` int64 in 1..K (N may be 0). Output per
-image: ``boxes [D, 4]`` float32 xyxy in input pixels, ``scores [D]``, ``labels [D]`` in 1..K.
+multiple of 32 with zeros after normalisation; it never resizes. Targets per image: ``boxes [N, 4]``
+float xyxy in input pixels and ``labels [N]`` int64 in 1..K (N may be 0). Detections per image:
+``boxes [D, 4]`` float32 xyxy in input pixels, ``scores [D]``, ``labels [D]`` in 1..K.
 """
 
 from __future__ import annotations
@@ -13,18 +14,35 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from model.outputs import DetectorOutputs
+from model.roi_heads import DoubleHeadRoIHeads
 from model.rpn import MMDetRPN
 from model.transform import NormalizePad
 
+Detections = list[dict[str, Tensor]]
+
 
 class DoubleHeadRCNN(GeneralizedRCNN):
-    """``forward(images, targets=None)``: loss dict in training mode, detections in eval mode."""
+    """``forward(images, targets=None)``; what it returns depends on the mode:
+
+    * training mode (``targets`` required): :class:`~model.outputs.DetectorOutputs`, the RPN's maps and the box
+      head's outputs on the sampled RoIs with their sampled targets. ``criterion(outputs)`` gives the losses.
+    * eval mode, no ``targets``: the detections, a list (one per image) of dicts ``boxes``, ``scores``,
+      ``labels``.
+    * eval mode with ``targets``: ``(detections, DetectorOutputs)`` from the same pass, the detections identical
+      to those without targets. This is what a validation loss is made of: ``criterion(outputs)`` under
+      ``torch.no_grad()``. Such a loss is the training objective of the *eval-mode* network: BatchNorm uses its
+      frozen running statistics (nothing updates them), the RPN keeps its test-time pre/post-NMS proposal counts
+      and the RPN targets are assigned on this pass's anchors; the RoI targets are sampled, as in training,
+      from these proposals plus the gt boxes (the box head runs a second time, on those sampled RoIs). The
+      samplers draw from torch's global generator, as in training.
+    """
 
     def __init__(
         self,
         backbone: nn.Module,
         rpn: MMDetRPN,
-        roi_heads: nn.Module,
+        roi_heads: DoubleHeadRoIHeads,
         transform: NormalizePad,
         num_classes: int,
         channels_last: bool = False,
@@ -35,18 +53,22 @@ class DoubleHeadRCNN(GeneralizedRCNN):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> DetectorOutputs | Detections | tuple[Detections, DetectorOutputs]:
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
-        validate_inputs(images, targets if self.training else None, self.num_classes)
+        validate_inputs(images, targets, self.num_classes)
         image_list, features = self.features(images)
-        proposals, rpn_losses = self.rpn(image_list, features, targets if self.training else None)
-        detections, roi_losses = self.roi_heads(
-            features, proposals, image_list.image_sizes, targets if self.training else None
-        )
+        sizes = image_list.image_sizes
+        rpn = self.rpn(image_list, features, targets)
         if self.training:
-            return {**rpn_losses, **roi_losses}
-        return detections
+            return DetectorOutputs(rpn=rpn, roi=self.roi_heads(features, rpn.proposals, sizes, targets))
+        dense = self.roi_heads(features, rpn.proposals, sizes)
+        detections = self.roi_heads.postprocess(dense.head, dense.rois, sizes)
+        if targets is None:
+            return detections
+        return detections, DetectorOutputs(rpn=rpn, roi=self.roi_heads(features, rpn.proposals, sizes, targets))
 
     def features(self, images: list[Tensor]):
         """``(ImageList, FPN feature dict)`` for ``images``: the shared first step of every stage."""

@@ -9,12 +9,14 @@ Losses are computed in float32, or in float64 for a float64 model (half-precisio
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from model.outputs import BoxHeadOutput
 
 EPS = float(torch.finfo(torch.float32).eps)
 
@@ -51,21 +53,6 @@ class RandomSampler:
 def _loss_dtype(x: Tensor) -> Tensor:
     """``x`` upcast to float32 if it is half precision (autocast), else unchanged (float32 or float64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-class BoxHeadOutput(NamedTuple):
-    """Raw outputs of a box head for ``N`` RoIs and ``K`` classes.
-
-    ``cls_logits``: ``[N, K+1]`` logits, column 0 = background (the fc branch for Double-Head).
-    ``box_deltas``: ``[N, 4·K]`` class-specific deltas (the conv branch for Double-Head).
-    ``cls_logits_conv``: ``[N, K+1]`` conv-branch logits (Double-Head-Ext only).
-    ``box_deltas_fc``: ``[N, 4·K]`` fc-branch deltas (Double-Head-Ext only).
-    """
-
-    cls_logits: Tensor
-    box_deltas: Tensor
-    cls_logits_conv: Tensor | None = None
-    box_deltas_fc: Tensor | None = None
 
 
 def rpn_losses(

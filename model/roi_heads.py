@@ -1,17 +1,17 @@
-"""Second stage: sampling, pooling both branches, losses and post-processing.
+"""Second stage: sampling, pooling both branches, the box head's raw outputs, and post-processing.
 
 Reuses torchvision's ``RoIHeads`` for proposal/gt matching (IoU 0.5, no low-quality matches) and GT boxes
 added as proposals (appended after each image's proposals; mmdet prepends them). The RoIs the losses see are
 chosen by an injected :class:`~model.losses.Sampler` (by default mmdet's ``RandomSampler``: 512 RoIs, 25 %
 positive) and are fed to the head positives first, as mmdet. Replaces its forward because the
-Double-Head pools two feature sets and its losses and outputs follow mmdet (spec §3.2, §6.3): CE and
-Smooth-L1(β=1) each ×2 normalised by the sampled RoIs, ``[N, 4K]`` deltas without a background slot,
-no small-box filter at test time.
+Double-Head pools two feature sets and its outputs follow mmdet (spec §3.2, §6.3): ``[N, 4K]`` deltas
+without a background slot, no small-box filter at test time. The losses are computed apart, by a
+:mod:`model.criterion` RoI criterion, from the :class:`~model.outputs.RoIOutputs` returned here.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,25 +19,31 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from model.box_coder import DeltaXYWHBoxCoder
-from model.losses import BoxHeadOutput, RandomSampler, Sampler, double_head_ext_losses, double_head_losses
+from model.losses import RandomSampler, Sampler
+from model.outputs import BoxHeadOutput, RoIOutputs, RoITargets
 from model.roi_pooler import LevelRoIPooler
 
 
-def fuse_ext_scores(cls_logits_fc: Tensor, cls_logits_conv: Tensor) -> Tensor:
-    """Double-Head-Ext complementary fusion on softmax probabilities: ``s_fc + s_conv·(1 − s_fc)``.
+class BoxHead(Protocol):
+    """What the RoI heads need of a box head (:mod:`model.box_head`).
 
-    ``[N, K+1]`` logits each -> ``[N, K+1]`` fused scores (column 0 is background and is not used).
+    ``__call__(*pooled)``: the pooler's ``[N, C, S, S]`` features, one per RoI scale factor -> ``BoxHeadOutput``.
+    ``class_scores(out)``: ``[N, K+1]`` float32 test-time probabilities (column 0 = background).
     """
-    s_fc = torch.softmax(cls_logits_fc.float(), dim=1)
-    s_conv = torch.softmax(cls_logits_conv.float(), dim=1)
-    return s_fc + s_conv * (1 - s_fc)
+
+    def __call__(self, *pooled: Tensor) -> BoxHeadOutput: ...
+
+    def class_scores(self, out: BoxHeadOutput) -> Tensor: ...
 
 
 class DoubleHeadRoIHeads(RoIHeads):
-    """``forward(features, proposals, image_sizes, targets) -> (detections, losses)``.
+    """``forward(features, proposals, image_sizes, targets=None) -> RoIOutputs``; ``postprocess`` -> detections.
 
-    Detections per image: ``boxes [D, 4]`` float32 xyxy (input pixels), ``scores [D]``, ``labels [D]``
-    int64 in 1..K, sorted by score, ``D ≤ detections_per_img``.
+    With ``targets`` (required in training mode) the head runs on RoIs sampled from ``cat(proposals, gt)``
+    and the outputs carry their :class:`~model.outputs.RoITargets`; without, it runs on every proposal.
+    Detections per image (:meth:`postprocess`): ``boxes [D, 4]`` float32 xyxy (input pixels), ``scores [D]``,
+    ``labels [D]`` int64 in 1..K, sorted by score, ``D ≤ detections_per_img``; the scores are the box head's
+    :meth:`BoxHead.class_scores`.
     """
 
     def __init__(
@@ -45,7 +51,6 @@ class DoubleHeadRoIHeads(RoIHeads):
         box_roi_pool: LevelRoIPooler,
         box_head: nn.Module,
         *,
-        head_kind: Literal["double", "double_ext", "fc"] = "double",
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -54,10 +59,6 @@ class DoubleHeadRoIHeads(RoIHeads):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
-        cls_loss_weight: float = 2.0,
-        reg_loss_weight: float = 2.0,
-        smooth_l1_beta: float = 1.0,
-        ext_weights: tuple[float, float, float, float] = (2.0, 0.7, 2.5, 0.8),
         sampler: Sampler | None = None,
     ) -> None:
         super().__init__(
@@ -74,11 +75,6 @@ class DoubleHeadRoIHeads(RoIHeads):
             detections_per_img,
         )
         self.box_coder = DeltaXYWHBoxCoder(bbox_reg_stds)
-        self.head_kind = head_kind
-        self.cls_loss_weight = cls_loss_weight
-        self.reg_loss_weight = reg_loss_weight
-        self.smooth_l1_beta = smooth_l1_beta
-        self.ext_weights = ext_weights
         # chooses the RoIs of the losses (labels per image over its proposals followed by its gt boxes)
         self.sampler: Sampler = (
             sampler if sampler is not None else RandomSampler(batch_size_per_image, positive_fraction)
@@ -91,13 +87,19 @@ class DoubleHeadRoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        if self.training:
-            proposals, _, labels, reg_targets = self.select_training_samples(proposals, targets)
-        out = self.box_head(*self.box_roi_pool(features, proposals))
-        if self.training:
-            return [], self.losses(out, torch.cat(labels), torch.cat(reg_targets))
-        return self.postprocess(out, proposals, image_shapes), {}
+    ) -> RoIOutputs:
+        """Args: FPN ``features``, per image ``proposals [P_i, 4]`` and unpadded ``(H, W)``, and optionally
+        per image ``boxes [G_i, 4]`` / ``labels [G_i]`` (1..K) targets."""
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        if targets is None:
+            return RoIOutputs(head=self.box_head(*self.box_roi_pool(features, proposals)), rois=proposals)
+        rois, _, labels, reg_targets = self.select_training_samples(proposals, targets)
+        return RoIOutputs(
+            head=self.box_head(*self.box_roi_pool(features, rois)),
+            rois=rois,
+            targets=RoITargets(labels=torch.cat(labels), reg_targets=torch.cat(reg_targets)),
+        )
 
     def select_training_samples(
         self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
@@ -132,35 +134,6 @@ class DoubleHeadRoIHeads(RoIHeads):
             matched_boxes.append(gt[idx[keep]])
         return rois, matched, sampled_labels, self.box_coder.encode(matched_boxes, rois)
 
-    def losses(self, out: BoxHeadOutput, labels: Tensor, reg_targets: Tensor) -> dict[str, Tensor]:
-        """Weighted loss terms for sampled RoIs: labels ``[N]`` (0 = bg), reg_targets ``[N, 4]``."""
-        if self.head_kind == "double_ext":
-            omega_fc, lambda_fc, omega_conv, lambda_conv = self.ext_weights
-            return double_head_ext_losses(
-                out,
-                labels,
-                reg_targets,
-                omega_fc=omega_fc,
-                lambda_fc=lambda_fc,
-                omega_conv=omega_conv,
-                lambda_conv=lambda_conv,
-                beta=self.smooth_l1_beta,
-            )
-        return double_head_losses(
-            out,
-            labels,
-            reg_targets,
-            cls_weight=self.cls_loss_weight,
-            reg_weight=self.reg_loss_weight,
-            beta=self.smooth_l1_beta,
-        )
-
-    def class_scores(self, out: BoxHeadOutput) -> Tensor:
-        """``[N, K+1]`` probabilities (fused for Double-Head-Ext)."""
-        if self.head_kind == "double_ext" and out.cls_logits_conv is not None:
-            return fuse_ext_scores(out.cls_logits, out.cls_logits_conv)
-        return torch.softmax(out.cls_logits.float(), dim=1)
-
     def decode_boxes(self, out: BoxHeadOutput, proposals: list[Tensor], image_shapes) -> list[Tensor]:
         """Per image ``[N_i, K, 4]`` class-specific boxes, clipped to the unpadded image."""
         num_classes = out.box_deltas.shape[1] // 4
@@ -172,8 +145,12 @@ class DoubleHeadRoIHeads(RoIHeads):
     def postprocess(
         self, out: BoxHeadOutput, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        """Score threshold (strict), class-wise NMS, top ``detections_per_img``; no small-box filter."""
-        scores = self.class_scores(out)[:, 1:].split([p.shape[0] for p in proposals])
+        """Detections from the head's outputs ``out`` for per-image ``proposals [P_i, 4]`` (the RoIs it ran on).
+
+        The box head's class scores, score threshold (strict), class-wise NMS, top ``detections_per_img``; no
+        small-box filter. Returns per image ``boxes [D, 4]`` float32 xyxy, ``scores [D]``, ``labels [D]`` in 1..K.
+        """
+        scores = self.box_head.class_scores(out)[:, 1:].split([p.shape[0] for p in proposals])
         results = []
         for boxes, s in zip(self.decode_boxes(out, proposals, image_shapes), scores, strict=True):
             num_classes = s.shape[1]

@@ -1,12 +1,12 @@
-"""Region proposal network with mmdet's anchor assignment, sampling and losses.
+"""Region proposal network with mmdet's anchor assignment and sampling; it returns raw outputs, and
+:class:`model.criterion.RPNCriterion` scores them.
 
 Reuses torchvision's ``RPNHead``, ``RegionProposalNetwork`` top-k / NMS filtering and ``Matcher`` thresholds;
 the anchors the losses see are chosen by an injected :class:`~model.losses.Sampler` (by default mmdet's
 ``RandomSampler``, which draws as torchvision's ``BalancedPositiveNegativeSampler``). Differs from
 torchvision where mmdet does (spec §3.1, §6.3): low-quality matches need IoU ≥ ``min_pos_iou`` and go to
-the gt they are best for; anchors outside an image's own padded extent are ignored; the losses are sigmoid
-CE + L1 normalised by the sampled count; only the top-k anchors of each level are decoded; boxes with zero
-width or height are dropped.
+the gt they are best for; anchors outside an image's own padded extent are ignored; only the top-k anchors
+of each level are decoded; boxes with zero width or height are dropped.
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ from torchvision.ops import boxes as box_ops
 
 from model.anchors import MMDetAnchorGenerator
 from model.box_coder import DeltaXYWHBoxCoder
-from model.losses import RandomSampler, Sampler, rpn_losses
+from model.losses import RandomSampler, Sampler
+from model.outputs import RPNOutputs, RPNTargets
 
 
 class MMDetRPN(RegionProposalNetwork):
-    """``forward(images, features, targets) -> (proposals: list[[P_i, 4]], losses)``.
+    """``forward(images, features, targets=None) -> RPNOutputs``: raw maps, anchors, proposals and, given
+    ``targets``, the anchors' assigned and sampled targets (:class:`~model.outputs.RPNTargets`).
 
-    Proposals are xyxy in input pixels, clipped to each image's unpadded size, sorted by score.
+    Proposals are xyxy in input pixels, clipped to each image's unpadded size, sorted by score; their
+    pre/post-NMS counts follow the module's mode (``training`` / ``testing``). Targets are required in
+    training mode; in eval mode they are assigned on the same pass's anchors when given (validation loss).
     """
 
     def __init__(
@@ -41,8 +45,6 @@ class MMDetRPN(RegionProposalNetwork):
         pre_nms_top_n: dict[str, int] | None = None,
         post_nms_top_n: dict[str, int] | None = None,
         nms_thresh: float = 0.7,
-        cls_loss_weight: float = 1.0,
-        reg_loss_weight: float = 1.0,
         size_divisible: int = 32,
         sampler: Sampler | None = None,
     ) -> None:
@@ -61,8 +63,6 @@ class MMDetRPN(RegionProposalNetwork):
         self.box_coder = DeltaXYWHBoxCoder()
         self.min_pos_iou = min_pos_iou
         self.min_size = float(torch.finfo(torch.float32).tiny)  # mmdet keeps w > 0 and h > 0
-        self.cls_loss_weight = cls_loss_weight
-        self.reg_loss_weight = reg_loss_weight
         self.size_divisible = size_divisible
         # chooses the anchors of the losses (labels per image over all anchors of the batch's grid)
         self.sampler: Sampler = (
@@ -75,33 +75,26 @@ class MMDetRPN(RegionProposalNetwork):
         images: ImageList,
         features: dict[str, Tensor],
         targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    ) -> RPNOutputs:
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
         feats = list(features.values())
         objectness, deltas = self.head(feats)
         anchors = self.anchor_generator(images, feats)
         proposals, _ = self.predict_proposals(objectness, deltas, anchors[0], images.image_sizes)
-        if not self.training:
-            return proposals, {}
-        if targets is None:
-            raise ValueError("targets are required in training mode")
-        feature_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
-        flat_obj, flat_deltas = concat_box_prediction_layers(objectness, deltas)
-        labels, matched_gt = self.assign_targets(anchors[0], feature_sizes, images.image_sizes, targets)
-        reg_targets = self.box_coder.encode(matched_gt, anchors)
-        pos, neg = self.sample(labels)
-        loss_cls, loss_reg = rpn_losses(
-            flat_obj.flatten(),
-            flat_deltas,
-            torch.cat(labels),
-            torch.cat(reg_targets),
-            torch.cat(pos),
-            torch.cat(neg),
-            avg_factor=sum(max(int(p.sum()), 1) + max(int(n.sum()), 1) for p, n in zip(pos, neg, strict=True)),
-        )
-        return proposals, {
-            "loss_rpn_cls": self.cls_loss_weight * loss_cls,
-            "loss_rpn_bbox": self.reg_loss_weight * loss_reg,
-        }
+        out = RPNOutputs(objectness=objectness, deltas=deltas, anchors=anchors[0], proposals=proposals)
+        if targets is not None:
+            feature_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+            labels, matched_gt = self.assign_targets(anchors[0], feature_sizes, images.image_sizes, targets)
+            reg_targets = self.box_coder.encode(matched_gt, anchors)
+            pos, neg = self.sample(labels)
+            out.targets = RPNTargets(
+                labels=torch.stack(labels),
+                reg_targets=torch.stack(reg_targets),
+                sampled_pos=torch.stack(pos),
+                sampled_neg=torch.stack(neg),
+            )
+        return out
 
     def sample(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """The sampler's choice as per-image ``[A]`` bool masks (positives, negatives) over ``labels [A]``."""

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from model import build_detector
+from model import build_criterion, build_detector, build_model, model_config
+from model.box_head import DoubleHeadBoxHead, TwoFCBoxHead, fuse_ext_scores
 from model.losses import BoxHeadOutput, cls_loss, double_head_ext_losses, reg_loss
-from model.roi_heads import fuse_ext_scores
 
 
 def test_ext_fusion_matches_hand_computation():
@@ -95,7 +95,8 @@ GOLDEN = {
 
 def _seeded_losses(head: str) -> dict[str, float]:
     torch.manual_seed(0)
-    model = build_detector("tiny", 3, roi_head={"head": head})
+    cfg = model_config("tiny", 3, roi_head={"head": head})
+    model, criterion = build_model(cfg), build_criterion(cfg)
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, 96, 128), generator=g, dtype=torch.uint8) for _ in range(2)]
     targets = [
@@ -104,7 +105,7 @@ def _seeded_losses(head: str) -> dict[str, float]:
     ]
     model.train()
     torch.manual_seed(2)
-    return {k: v.item() for k, v in model(images, targets).items()}
+    return {k: v.item() for k, v in criterion(model(images, targets)).items()}
 
 
 @pytest.mark.parametrize("head", list(GOLDEN))
@@ -113,3 +114,18 @@ def test_golden_losses(head):
     assert set(losses) == set(GOLDEN[head])
     for key, value in GOLDEN[head].items():
         assert losses[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_box_heads_own_their_test_time_scores():
+    """Double-Head-Ext fuses its two classifiers at inference; Double-Head and the fc head use the fc softmax."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, 7, 7)
+    ext = DoubleHeadBoxHead(8, 3, conv_channels=16, fc_channels=32, ext=True).eval()
+    out = ext(x, x)
+    torch.testing.assert_close(ext.class_scores(out), fuse_ext_scores(out.cls_logits, out.cls_logits_conv))
+    double = DoubleHeadBoxHead(8, 3, conv_channels=16, fc_channels=32).eval()
+    out = double(x, x)
+    torch.testing.assert_close(double.class_scores(out), torch.softmax(out.cls_logits, 1))
+    fc = TwoFCBoxHead(8, 3, fc_channels=32).eval()
+    out = fc(x)
+    torch.testing.assert_close(fc.class_scores(out), torch.softmax(out.cls_logits, 1))

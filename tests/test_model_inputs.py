@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import build_detector
+from model import build_criterion, build_detector, model_config
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_images_without_boxes_train(model):
     model.train()
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     torch.manual_seed(0)
-    losses = model([_img(), _img(96, 64)], [empty, empty])
+    losses = build_criterion(model_config("tiny", 3))(model([_img(), _img(96, 64)], [empty, empty]))
     total = sum(losses.values())
     assert torch.isfinite(total)
     assert losses["loss_rpn_bbox"].item() == 0.0 and losses["loss_bbox"].item() == 0.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from model import build_detector
+from model import build_criterion, build_model, model_config
 
 COLOURS = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 80, 230]], dtype=torch.uint8)
 
@@ -37,7 +37,8 @@ def synthetic_batch(seed: int = 0):
 @pytest.mark.timeout(900)
 def test_tiny_preset_overfits_a_handful_of_images():
     torch.manual_seed(0)
-    model = build_detector("tiny", 3)
+    cfg = model_config("tiny", 3)
+    model, criterion = build_model(cfg), build_criterion(cfg)
     images, targets = synthetic_batch()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -46,7 +47,7 @@ def test_tiny_preset_overfits_a_handful_of_images():
     for it in range(150):
         for group in optimizer.param_groups:
             group["lr"] = 0.01 * min(1.0, (it + 1) / 10)
-        losses = model(images, targets)
+        losses = criterion(model(images, targets))
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()

@@ -105,7 +105,9 @@ def run_ours(model: DoubleHeadRCNN, image_bgr: Tensor) -> Ours:
         model.backbone.register_forward_pre_hook(lambda m, args: captured.__setitem__("inputs", args[0])),
         model.backbone.register_forward_hook(lambda m, args, out: captured.__setitem__("features", out)),
         model.rpn.head.register_forward_hook(lambda m, args, out: captured.__setitem__("rpn", out)),
-        model.rpn.register_forward_hook(lambda m, args, out: captured.update(image_list=args[0], proposals=out[0])),
+        model.rpn.register_forward_hook(
+            lambda m, args, out: captured.update(image_list=args[0], proposals=out.proposals)
+        ),
     ]
     try:
         with torch.no_grad():
@@ -247,7 +249,9 @@ def test_rcnn_postprocessing(case):
     torch.testing.assert_close(
         dense_boxes.reshape(dense_boxes.shape[0], -1), fx["rcnn_dense_bboxes"], rtol=0, atol=RCNN_BOX_ATOL
     )
-    torch.testing.assert_close(heads.class_scores(out), bg_first(fx["rcnn_dense_scores"]), rtol=0, atol=RCNN_SCORE_ATOL)
+    torch.testing.assert_close(
+        heads.box_head.class_scores(out), bg_first(fx["rcnn_dense_scores"]), rtol=0, atol=RCNN_SCORE_ATOL
+    )
     dets = heads.postprocess(out, proposals, [case.image_size])[0]
     assert_same_detections(dets, fx, RCNN_BOX_ATOL, RCNN_SCORE_ATOL)
 

@@ -178,7 +178,7 @@ def detect(model: torch.nn.Module, eval_stream: StreamRows) -> Callable[[int, st
     our collated target, as evaluation does (``jobs.evaluate.predictor``). Cached: each forward runs once."""
     cache: dict[tuple[int, str], tuple[dict[str, Tensor], Tensor]] = {}
     proposals: list[Tensor] = []
-    model.rpn.register_forward_hook(lambda _module, _args, out: proposals.append(out[0][0]))
+    model.rpn.register_forward_hook(lambda _module, _args, out: proposals.append(out.proposals[0]))
 
     def run(image_id: int, source: str) -> tuple[dict[str, Tensor], Tensor]:
         if (image_id, source) not in cache:

@@ -5,7 +5,8 @@ A train fixture records one ``model.loss`` + ``backward()`` of the summed loss o
 ``norm_eval``) on two images with fixed ground truth, with every random sampling decision. Here our model is built
 from the same weights and config with samplers that replay those decisions (:class:`model.losses.Sampler`,
 injected through :func:`model.build.build_model`), runs the same step through its public API (``model(images,
-targets)`` returns the loss dict, then ``backward()`` of its sum), and must reproduce: the train-mode proposals,
+targets)`` returns the raw outputs, ``build_criterion(cfg)`` scores them, then ``backward()`` of the sum), and must
+reproduce: the train-mode proposals,
 the RPN and R-CNN assignments, the sampled RoIs, each loss term (the RPN terms also per FPN level), the accuracy,
 every trainable parameter's gradient (norm and sum; the whole tensor for the RPN head and the two predictors),
 and which parameters are frozen.
@@ -32,13 +33,15 @@ from unittest import mock
 import pytest
 import torch
 from torch import Tensor
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou
 
-from model import rpn as rpn_module
-from model.build import build_model
+from model.build import build_criterion, build_model
+from model.criterion import RPNCriterion
 from model.detector import DoubleHeadRCNN
 from model.losses import accuracy, rpn_losses
 from model.mmdet_import import config_from_mmdet, convert_state_dict
+from model.outputs import RPNOutputs
 from tests.mmdet_fixtures import fixture_dir, fixture_files, load, load_detector, param_names_from_mmdet
 
 TRAIN_FILES = fixture_files("train_*.pt")
@@ -137,6 +140,35 @@ class Step:
     seconds: float = 0.0
 
 
+def rpn_level_losses(out: RPNOutputs, criterion: RPNCriterion) -> dict[str, Tensor]:
+    """The criterion's two RPN terms per FPN level, ``[L]`` each, normalised by the whole batch's sampled count."""
+    t = out.targets
+    assert t is not None
+    objectness, deltas = concat_box_prediction_layers(out.objectness, out.deltas)
+    counts = [o[0].numel() for o in out.objectness]
+    level = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)]).repeat(len(t.labels))
+    pos, neg = t.sampled_pos.reshape(-1), t.sampled_neg.reshape(-1)
+    avg_factor = sum(
+        max(int(p.sum()), 1) + max(int(n.sum()), 1) for p, n in zip(t.sampled_pos, t.sampled_neg, strict=True)
+    )
+    per_level = [
+        rpn_losses(
+            objectness.flatten().detach(),
+            deltas.detach(),
+            t.labels.reshape(-1),
+            t.reg_targets.reshape(-1, 4),
+            pos & (level == i),
+            neg & (level == i),
+            avg_factor,
+        )
+        for i in range(len(counts))
+    ]
+    return {
+        "loss_rpn_cls": torch.stack([c for c, _ in per_level]) * criterion.cls_weight,
+        "loss_rpn_bbox": torch.stack([r for _, r in per_level]) * criterion.reg_weight,
+    }
+
+
 def run_step(fx: dict, det: dict, dtype: torch.dtype = torch.float32, proposals=None) -> Step:
     """One training step of our model on the fixture's batch with its recorded sampling.
 
@@ -147,7 +179,9 @@ def run_step(fx: dict, det: dict, dtype: torch.dtype = torch.float32, proposals=
     rpn_sampler, roi_sampler = ReplaySampler("RPN sampler"), ReplaySampler("R-CNN sampler")
     rpn_sampler.pos = [r["pos_anchor_inds"] for r in fx["rpn"]]
     rpn_sampler.neg = [r["neg_anchor_inds"] for r in fx["rpn"]]
-    model = build_model(config_from_mmdet(det["model_config"]), rpn_sampler=rpn_sampler, roi_sampler=roi_sampler)
+    cfg = config_from_mmdet(det["model_config"])
+    model = build_model(cfg, rpn_sampler=rpn_sampler, roi_sampler=roi_sampler)
+    criterion = build_criterion(cfg)
     model.load_state_dict(convert_state_dict(det["state_dict"]))
     model.to(dtype).train()
     model.rpn.anchor_generator.float()
@@ -167,63 +201,32 @@ def run_step(fx: dict, det: dict, dtype: torch.dtype = torch.float32, proposals=
         roi_sampler.neg = [c[r["neg_inds"]] for c, r in zip(cap["candidates"], fx["rcnn"], strict=True)]
         return out
 
-    def rpn_losses_per_level(objectness, deltas, labels, reg_targets, sampled_pos, sampled_neg, avg_factor):
-        counts = [o[0].numel() for o in cap["rpn_head"][0]]
-        level = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)]).repeat(len(images))
-        per_level = [
-            rpn_losses(
-                objectness,
-                deltas,
-                labels,
-                reg_targets,
-                sampled_pos & (level == i),
-                sampled_neg & (level == i),
-                avg_factor,
-            )
-            for i in range(len(counts))
-        ]
-        cap["rpn_level_losses"] = {
-            "loss_rpn_cls": torch.stack([c.detach() for c, _ in per_level]) * model.rpn.cls_loss_weight,
-            "loss_rpn_bbox": torch.stack([r.detach() for _, r in per_level]) * model.rpn.reg_loss_weight,
-        }
-        return rpn_losses(objectness, deltas, labels, reg_targets, sampled_pos, sampled_neg, avg_factor=avg_factor)
-
-    hooks = [
-        model.rpn.head.register_forward_hook(lambda m, args, out: cap.__setitem__("rpn_head", out)),
-        model.rpn.register_forward_pre_hook(lambda m, args: cap.__setitem__("image_sizes", args[0].image_sizes)),
-        model.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, args: cap.__setitem__("rois", args[1])),
-        model.roi_heads.box_head.register_forward_hook(lambda m, args, out: cap.__setitem__("head", out)),
-    ]
+    hook = model.rpn.register_forward_pre_hook(lambda m, args: cap.__setitem__("image_sizes", args[0].image_sizes))
     start = time.perf_counter()
     try:
-        with (
-            mock.patch.object(model.rpn, "predict_proposals", predict_and_map),
-            mock.patch.object(rpn_module, "rpn_losses", rpn_losses_per_level),
-        ):
-            losses = model(images, targets)
+        with mock.patch.object(model.rpn, "predict_proposals", predict_and_map):
+            outputs = model(images, targets)
+        losses = criterion(outputs)
         sum(losses.values()).backward()
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     seconds = time.perf_counter() - start
-    sampled = [
-        lab[torch.cat([p, n])] for lab, p, n in zip(roi_sampler.labels, roi_sampler.pos, roi_sampler.neg, strict=True)
-    ]
+    assert outputs.roi.targets is not None
     return Step(
         model=model,
         targets=targets,
         losses={k: v.detach() for k, v in losses.items()},
-        rpn_level_losses=cap["rpn_level_losses"],
-        feature_sizes=[(int(o.shape[-2]), int(o.shape[-1])) for o in cap["rpn_head"][0]],
+        rpn_level_losses=rpn_level_losses(outputs.rpn, criterion.rpn),
+        feature_sizes=[(int(o.shape[-2]), int(o.shape[-1])) for o in outputs.rpn.objectness],
         image_sizes=cap["image_sizes"],
         proposals=cap["proposals"][0],
         proposal_scores=cap["proposals"][1],
         candidates=cap["candidates"],
         rpn_sampler=rpn_sampler,
         roi_sampler=roi_sampler,
-        sampled_rois=[r.detach() for r in cap["rois"]],
-        cls_logits=cap["head"].cls_logits.detach(),
-        sampled_labels=torch.cat(sampled),
+        sampled_rois=[r.detach() for r in outputs.roi.rois],
+        cls_logits=outputs.roi.head.cls_logits.detach(),
+        sampled_labels=outputs.roi.targets.labels,
         grads={n: None if p.grad is None else p.grad.detach() for n, p in model.named_parameters() if p.requires_grad},
         seconds=seconds,
     )
