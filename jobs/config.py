@@ -69,8 +69,6 @@ class TrainConfig:
     eval_max_images: int | None = None
     log_every_iters: int = 20
     max_consecutive_nan: int = 10
-    fail_at_iter: int | None = None  # test hook: worker 0 calls os._exit(1) at this iteration (once)
-    nan_at_iters: tuple[int, ...] = ()  # test hook: the loss of these iterations is made NaN
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

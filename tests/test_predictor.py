@@ -160,3 +160,30 @@ def test_raw_images_are_resized_and_mapped_to_original_pixels(detector: torch.nn
     row = found[0].above(0.0).to_row(CATEGORIES)
     assert set(row) == {"boxes", "scores", "labels", "category_ids", "category_names"}
     assert {CATEGORIES.category_id_of(k) for k in row["labels"]} == set(row["category_ids"])
+
+
+def test_a_criterion_adds_the_validation_loss_of_the_same_passes(detector: torch.nn.Module) -> None:
+    """The loss of every pass against its targets (crowd and degenerate boxes left out), the detections
+    unchanged; the sums are per-pass means weighted by the pass's images."""
+    from model.build import build_criterion
+
+    criterion = build_criterion(model_config("tiny", CATEGORIES.num_classes))
+    targets = []
+    for i, image in enumerate(IMAGES[:3]):
+        h, w = image.shape[-2:]
+        target = _target(i)
+        target["boxes"] = torch.tensor([[4.0, 6.0, w / 2, h / 2], [0.0, 0.0, w - 1.0, h - 1.0], [5.0, 5.0, 5.0, 9.0]])
+        target["labels"] = torch.tensor([1, 2, 3])
+        target["iscrowd"] = torch.tensor([False, True, False])
+        targets.append(target)
+    plain = Predictor(detector, RESIZE, max_batch=1)
+    scored = Predictor(detector, RESIZE, max_batch=1, criterion=criterion)
+    torch.manual_seed(0)
+    with_loss = scored.detect(IMAGES[:3], targets)
+    assert all(_same(a, b) for a, b in zip(plain.detect(IMAGES[:3], targets), with_loss, strict=True))
+    assert scored.loss_images == 3 and plain.loss_images == 0
+    assert {"loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox"} <= set(scored.loss_sums)
+    assert all(np.isfinite(v) and v >= 0 for v in scored.loss_sums.values())
+    terms = sum(v for k, v in scored.loss_sums.items() if k != "loss")
+    assert scored.loss_sums["loss"] == pytest.approx(terms, rel=1e-6)
+    assert detector.training is False

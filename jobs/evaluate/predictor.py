@@ -97,6 +97,9 @@ class Predictor:
         device: where the detector runs. amp_dtype: autocast dtype (``None``: float32).
         max_batch: images per forward pass, at most; ``None``: 1 on CPU (exact and fastest there, see the module
             docstring), :data:`GPU_BATCH` on other devices.
+        criterion: also score each pass against its targets' ``boxes`` and ``labels`` (crowd boxes left out) with
+            this criterion (:func:`model.build.build_criterion`), from the same forward pass: the validation loss.
+            Its terms accumulate in :attr:`loss_sums` (each pass's mean × its images) over :attr:`loss_images`.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         amp_dtype: torch.dtype | None = None,
         max_batch: int | None = None,
+        criterion: Callable[[Any], dict[str, Tensor]] | None = None,
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -117,6 +121,9 @@ class Predictor:
         self.amp_dtype = amp_dtype
         self.max_batch = max_batch or (1 if self.device.type == "cpu" else GPU_BATCH)
         self.divisor = int(getattr(getattr(self.detector, "transform", None), "size_divisible", 32))
+        self.criterion = criterion
+        self.loss_sums: dict[str, float] = {}
+        self.loss_images = 0
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of RGB uint8 ``[H, W, 3]`` images (as decoded), in their order."""
@@ -185,9 +192,15 @@ class Predictor:
         was_training = self.detector.training
         self.detector.eval()
         amp = self.amp_dtype is not None
+        inputs = [img.to(self.device, non_blocking=True) for img in images]
         try:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-                outputs = self.detector([img.to(self.device, non_blocking=True) for img in images])
+                if self.criterion is not None:
+                    gt = [self._loss_target(t, img) for t, img in zip(targets, images, strict=True)]
+                    outputs, raw = self.detector(inputs, gt)
+                    self._add_losses(self.criterion(raw), len(images))
+                else:
+                    outputs = self.detector(inputs)
         finally:
             self.detector.train(was_training)
         return [
@@ -198,6 +211,21 @@ class Predictor:
             )
             for out, target in zip(outputs, targets, strict=True)
         ]
+
+    def _loss_target(self, target: Mapping[str, Tensor], image: Tensor) -> dict[str, Tensor]:
+        """The boxes a training target would hold: crowd boxes, boxes of no area and boxes outside the image (which
+        evaluation keeps, and the detector refuses as targets) left out."""
+        boxes, (h, w) = target["boxes"], image.shape[-2:]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 0] < w) & (boxes[:, 1] < h)
+        keep &= (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+        if "iscrowd" in target:
+            keep &= ~target["iscrowd"]
+        return {"boxes": boxes[keep].to(self.device), "labels": target["labels"][keep].to(self.device)}
+
+    def _add_losses(self, losses: Mapping[str, Tensor], images: int) -> None:
+        for key, value in {**losses, "loss": sum(losses.values())}.items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + float(value) * images
+        self.loss_images += images
 
 
 def predict_coco(

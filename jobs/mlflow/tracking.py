@@ -297,3 +297,16 @@ class Tracker:
         if not self.enabled or self._run_id is None or self._client is None:
             return
         self._client.set_terminated(self._run_id, status=status)
+
+
+def end_run(cfg: TrackingConfig, run_id: str, status: str) -> None:
+    """Mark ``run_id`` ``status`` unless it has ended already (a worker that died without saying so leaves it
+    RUNNING; the driver closes it). Tracking errors are reported, not raised: the job's own error matters."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking_uri))
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+    except Exception as err:  # never hide the job's failure behind a tracking one
+        print(f"warning: could not mark MLflow run {run_id} {status}: {redact_url(str(err))}", flush=True)

@@ -7,7 +7,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -17,13 +17,19 @@ from jobs.config import JobConfig
 from jobs.evaluate.coco_eval import STAT_NAMES, evaluate_coco
 from jobs.evaluate.plots import draw_detections_grid, per_class_table, plot_pr_curves
 from jobs.evaluate.predictor import Predictor, predict_coco
+from jobs.train.hooks import Hook
 from jobs.train.progress import console
 from pipeline.categories import CategoryMap
 from pipeline.stream import iter_eval_batches
 
+if TYPE_CHECKING:
+    from jobs.train.trainer import Trainer
+
 
 class Evaluator:
-    """``run(model, shard, step) -> {"val/AP": ..., ...}`` on every rank (collective: all ranks call it). With a
+    """``run(model, shard, step) -> {"val/AP": ..., ..., "val/loss": ..., "val/loss_rpn_cls": ...}`` on every rank
+    (collective: all ranks call it). With a ``criterion``, the loss of the same forward passes joins the metrics
+    (the model in eval mode: frozen BN statistics, test-time proposal counts, sampled RoIs). With a
     ``board`` (:class:`jobs.train.progress.ProgressBoard`) every rank posts its progress there, rank 0 the result."""
 
     def __init__(
@@ -38,10 +44,11 @@ class Evaluator:
         amp,
         picture_path: str | None = None,
         board=None,
+        criterion=None,
     ):
         self.job, self.categories, self.coco_gt_ref, self.tracker = job, categories, coco_gt_ref, tracker
         self.rank, self.device, self.amp, self.picture_path = rank, device, amp, picture_path
-        self.board = board
+        self.board, self.criterion = board, criterion
 
     def due(self, epoch: int) -> bool:
         every = self.job.train.eval_every_epochs
@@ -56,7 +63,12 @@ class Evaluator:
         # shape on a GPU, one image per pass on CPU.
         max_batch = None if torch.device(self.device).type == "cpu" else self.job.data.eval_batch_size
         predictor = Predictor(
-            model, self.job.data.augment.resize, device=self.device, amp_dtype=self.amp, max_batch=max_batch
+            model,
+            self.job.data.augment.resize,
+            device=self.device,
+            amp_dtype=self.amp,
+            max_batch=max_batch,
+            criterion=self.criterion,
         )
         detections, image_ids = predict_coco(
             predictor,
@@ -66,20 +78,31 @@ class Evaluator:
             samples=samples if self.rank == 0 else None,
             on_batch=None if self.board is None else lambda n: self._post("eval", step=step, images=n),
         )
+        mine = (detections, image_ids, predictor.loss_sums, predictor.loss_images)
         gathered: list[Any] = [None] * world
         if world > 1:
-            dist.all_gather_object(gathered, (detections, image_ids))
+            dist.all_gather_object(gathered, mine)
         else:
-            gathered = [(detections, image_ids)]
+            gathered = [mine]
         stats: list[Any] = [None]
         if self.rank == 0:
-            all_dets = [d for dets, _ in gathered for d in dets]
-            all_ids = sorted({i for _, ids in gathered for i in ids})
-            stats[0] = self._score_and_log(all_dets, all_ids, samples, step)
+            all_dets = [d for dets, *_ in gathered for d in dets]
+            all_ids = sorted({i for _, ids, *_ in gathered for i in ids})
+            stats[0] = {**self._score_and_log(all_dets, all_ids, samples, step), **self._loss(gathered, step)}
             self._post("eval_done", step=step, AP=stats[0]["val/AP"], AP50=stats[0]["val/AP50"])
         if world > 1:
             dist.broadcast_object_list(stats, src=0)
         return stats[0]
+
+    def _loss(self, gathered: list[tuple], step: int) -> dict[str, float]:
+        """``val/loss`` and its terms: the criterion's mean over every validation image of every rank."""
+        images = sum(n for *_, n in gathered)
+        if not images:
+            return {}
+        keys = {k for _, _, sums, _ in gathered for k in sums}
+        out = {f"val/{k}": sum(sums.get(k, 0.0) for _, _, sums, _ in gathered) / images for k in sorted(keys)}
+        self.tracker.log_metrics(out, step=step)
+        return out
 
     def _post(self, phase: str, **values: Any) -> None:
         if self.board is not None:
@@ -108,3 +131,26 @@ class Evaluator:
                 shutil.copyfile(tmp_path / "val_predictions.png", self.picture_path)
         console(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in STAT_NAMES))
         return out
+
+
+class EvaluationHook(Hook):
+    """Evaluates on the ``val`` shard after the epochs :meth:`Evaluator.due` names (every rank: collective);
+    the metrics join ``trainer.metrics``. Its state: the latest and the best AP."""
+
+    def __init__(self, evaluator: Evaluator, shard) -> None:
+        self.evaluator, self.shard = evaluator, shard
+        self.last_ap, self.best_ap = -1.0, -1.0
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if not self.evaluator.due(trainer.progress.epoch - 1):
+            return
+        val = self.evaluator.run(trainer.model, self.shard, step=trainer.progress.iteration)
+        self.last_ap = val["val/AP"]
+        self.best_ap = max(self.best_ap, self.last_ap)
+        trainer.metrics.update(val)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"last_ap": self.last_ap, "best_ap": self.best_ap}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.last_ap, self.best_ap = float(state["last_ap"]), float(state["best_ap"])

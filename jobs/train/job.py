@@ -22,9 +22,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
 from jobs.datasets import dataset_info, source_of
-from jobs.mlflow.tracking import Tracker, TrackingConfig, ensure_tracking_store, run_tags
+from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags
 from jobs.redact import redact_config
-from jobs.train.loop import num_iters_per_epoch, train_worker
+from jobs.train.hooks import Hook
+from jobs.train.loop import WorkerArgs, num_iters_per_epoch, train_worker
 from jobs.train.progress import ProgressBoard
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
 from pipeline.stream import StreamConfig, eval_dataset, train_dataset
@@ -74,13 +75,15 @@ def run_training(
     callbacks: Sequence[UserCallback] = (),
     parent_run_id: str | None = None,
     console: RayConsole | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Run (or resume) ``job`` to completion on the current Ray cluster. ``picture_path``: also write the
     latest validation picture there (a path on the node of worker 0, e.g. for a local run). ``callbacks``:
     Ray Train callbacks of the run (e.g. Tune's ``TuneReportCallback`` in a sweep's trial).
     ``parent_run_id``: the job's MLflow run is created nested under that run (a sweep's). ``console``: draw
     training and evaluation progress bars here, Ray Train's INFO logs only to its files unless verbose
-    (``None``: no bars, Ray Train's defaults)."""
+    (``None``: no bars, Ray Train's defaults). ``hooks``: extra :class:`~jobs.train.hooks.Hook` objects for every
+    Train worker, called before the job's own (pickled to the workers)."""
     storage = job.data.storage
     train_info = dataset_info(job.data.train, storage)
     val_info = dataset_info(job.data.val, storage) if job.data.val is not None else None
@@ -93,28 +96,25 @@ def run_training(
     run_dir = join(job.run.storage_path, job.run.name)
     run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint, parent_run_id=parent_run_id)
     iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
-    loop_config: dict[str, Any] = {
-        "job": job,
-        "mlflow_run_id": run_id,
-        "categories": train_info.categories.to_dict(),
-        "iters_per_epoch": iters,
-        "coco_gt_ref": ray.put(val_info.coco_gt) if val_info is not None else None,
-        "fail_marker": os.path.abspath(os.path.join(_local_dir(run_dir), ".fail_at_iter.done")),
-    }
-    if picture_path:
-        loop_config["picture_path"] = os.path.abspath(picture_path)
-    if threads_per_worker:
-        loop_config["threads_per_worker"] = threads_per_worker
     board = ProgressBoard.remote() if console is not None else None
-    if board is not None:
-        loop_config["progress_board"] = board
+    args = WorkerArgs(
+        job=job,
+        run_id=run_id,
+        categories=train_info.categories.to_dict(),
+        iters_per_epoch=iters,
+        coco_gt_ref=ray.put(val_info.coco_gt) if val_info is not None else None,
+        picture_path=os.path.abspath(picture_path) if picture_path else None,
+        threads_per_worker=threads_per_worker,
+        progress_board=board,
+        hooks=tuple(hooks),
+    )
     filesystem, storage_path = run_storage(job.run.storage_path, storage)
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
         resources["GPU"] = job.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config=args,
         torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources
@@ -144,6 +144,12 @@ def run_training(
     try:
         with follow_progress(board, eval_images=eval_images, tty=tty) if board is not None else nullcontext():
             result = trainer.fit()
+    except ray.train.TrainingFailedError:  # the workers' error, or a killed worker that could not say so itself
+        end_run(job.tracking, run_id, "FAILED")
+        raise
+    except KeyboardInterrupt:  # the same command resumes it
+        end_run(job.tracking, run_id, "KILLED")
+        raise
     finally:
         if board is not None:
             ray.kill(board)
@@ -174,7 +180,6 @@ def job_run_id(
     if parent_run_id is not None:
         extra["mlflow.parentRunId"] = parent_run_id
     tracker.set_tags(run_tags(fingerprint, extra))
-    _local_dir(run_dir)
     # the resolved config beside the Ray run, as logged to MLflow (secrets removed)
     config_yaml = yaml.safe_dump(redact_config(job.to_dict()), sort_keys=False)
     write_bytes(join(run_dir, CONFIG_FILE), config_yaml.encode(), storage)
@@ -194,9 +199,3 @@ def run_storage(storage_path: str, storage: StorageConfig):
         filesystem, path = resolve(storage_path, storage)
         return filesystem, path
     return None, os.path.abspath(storage_path)
-
-
-def _local_dir(run_dir: str) -> str:
-    path = run_dir if not run_dir.startswith("s3://") else os.path.join(".dhrcnn", run_dir.removeprefix("s3://"))
-    os.makedirs(path, exist_ok=True)
-    return path

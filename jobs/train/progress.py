@@ -11,13 +11,17 @@ import datetime
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
 
 from jobs.config import TrainConfig
-from jobs.train.checkpoint import Progress
+from jobs.mlflow.tracking import Tracker
+from jobs.train.hooks import Hook
+
+if TYPE_CHECKING:
+    from jobs.train.trainer import Trainer
 
 
 @ray.remote(num_cpus=0)
@@ -66,7 +70,8 @@ class StepMeter:
 
     def _reset(self) -> None:
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.count = 0  # steps, taken or skipped
+        self.stepped = 0  # steps taken
         self.wait = 0.0
         self.busy = 0.0
 
@@ -79,31 +84,35 @@ class StepMeter:
         self.wait += now - self._last
         self._last = now
 
-    def step(
-        self, losses: dict[str, torch.Tensor], total: torch.Tensor, lr: float, progress: Progress, device: torch.device
-    ) -> dict[str, float]:
+    def step(self, trainer: Trainer) -> dict[str, float]:
+        """The step of ``trainer`` finished: account for it. Loss terms average over the interval's taken steps
+        (a skipped, non-finite step counts in the throughput only)."""
         now = time.perf_counter()
         self.busy += now - self._last
         self._last = now
         self.count += 1
-        for key, value in {**losses, "loss": total}.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
-        self._post(progress.iteration, float(total.detach()), now)
-        if progress.iteration % self.cfg.log_every_iters and progress.iteration != self.total_iters:
+        iteration, lr = trainer.progress.iteration, trainer.optim_step.lr
+        if trainer.stepped:
+            self.stepped += 1
+            for key, value in {**trainer.losses, "loss": trainer.loss}.items():
+                self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self._post(iteration, float(trainer.loss.detach()), now)
+        if iteration % self.cfg.log_every_iters and iteration != self.total_iters:
             return {}
         elapsed = self.wait + self.busy
-        metrics = {f"train/{k}": v / self.count for k, v in self.sums.items()}
+        metrics = {f"train/{k}": v / self.stepped for k, v in self.sums.items()}
         metrics["train/lr"] = lr
         metrics["train/images_per_s"] = self.count * self.total_batch / max(elapsed, 1e-9)
         metrics["train/data_wait_fraction"] = self.wait / max(elapsed, 1e-9)
-        metrics["train/skipped_nan_steps"] = float(progress.skipped_nan_steps)
-        if device.type == "cuda":
-            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        metrics["train/skipped_nan_steps"] = float(trainer.optim_step.skipped)
+        if trainer.device.type == "cuda":
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
         if self.enabled:
-            remaining = (self.total_iters - progress.iteration) * elapsed / self.count
+            remaining = (self.total_iters - iteration) * elapsed / self.count
+            loss = metrics.get("train/loss", float("nan"))
             console(
-                f"epoch {self.epoch + 1}/{self.cfg.epochs} iter {progress.iteration}/{self.total_iters} "
-                f"loss {metrics['train/loss']:.4f} lr {lr:.5f} {metrics['train/images_per_s']:.1f} img/s "
+                f"epoch {self.epoch + 1}/{self.cfg.epochs} iter {iteration}/{self.total_iters} "
+                f"loss {loss:.4f} lr {lr:.5f} {metrics['train/images_per_s']:.1f} img/s "
                 f"data-wait {100 * metrics['train/data_wait_fraction']:.0f}% "
                 f"ETA {datetime.timedelta(seconds=round(remaining))}"
             )
@@ -121,6 +130,43 @@ class StepMeter:
         event = {"phase": "train", "iteration": iteration, "total": self.total_iters}
         event |= {"epoch": self.epoch + 1, "epochs": self.cfg.epochs, "loss": loss}
         self.board.post.remote(event)
+
+
+class MetricLogger(Hook):
+    """Times every step (:class:`StepMeter`), logs the interval's metrics to the job's MLflow run (rank 0) and
+    keeps the latest of each in ``trainer.metrics``. Starts the run (resuming ``run_id``) before training and
+    marks it FAILED if training raises; its state is the run id."""
+
+    def __init__(self, meter: StepMeter, tracker: Tracker, run_id: str | None, rank: int) -> None:
+        self.meter, self.tracker, self.run_id, self.rank = meter, tracker, run_id, rank
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.run_id = self.tracker.start(self.run_id)
+        if trainer.resumed and self.rank == 0:
+            progress = trainer.progress
+            console(f"resumed from the checkpoint of iteration {progress.iteration} (epoch {progress.epoch})")
+            self.tracker.log_metrics({"train/resumed_from_iter": progress.iteration}, step=progress.iteration)
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        self.meter.start_epoch(trainer.progress.epoch)
+
+    def before_step(self, trainer: Trainer) -> None:
+        self.meter.data_ready()
+
+    def after_step(self, trainer: Trainer) -> None:
+        logged = self.meter.step(trainer)
+        if logged:
+            self.tracker.log_metrics(logged, step=trainer.progress.iteration)
+            trainer.metrics.update(logged)
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self.tracker.end("FAILED")  # a restarted worker group resumes the run (RUNNING again)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mlflow_run_id": self.run_id} if self.run_id else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("mlflow_run_id") or self.run_id
 
 
 def console(line: str) -> None:
