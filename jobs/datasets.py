@@ -21,12 +21,12 @@ _GT_COLUMNS = ["image_id", "file_name", "width", "height", "boxes", "labels", "i
 @dataclass(frozen=True)
 class DatasetInfo:
     """``num_images`` rows the stream yields, the category map, a fingerprint of the source, and the COCO
-    ground-truth dict (``images``, ``annotations`` with xywh boxes, ``categories``)."""
+    ground-truth dict (``images``, ``annotations`` with xywh boxes, ``categories``; ``None`` unless asked for)."""
 
     num_images: int
     categories: CategoryMap
     fingerprint: str
-    coco_gt: dict[str, Any]
+    coco_gt: dict[str, Any] | None
 
 
 def source_of(spec: DatasetSpec) -> Source:
@@ -35,10 +35,14 @@ def source_of(spec: DatasetSpec) -> Source:
     return CocoSource(spec.annotations, spec.images)  # type: ignore[arg-type]
 
 
-def dataset_info(spec: DatasetSpec, storage: StorageConfig) -> DatasetInfo:
-    """Read the manifest and annotation columns (Parquet) or the instances JSON (raw COCO)."""
+def dataset_info(spec: DatasetSpec, storage: StorageConfig, *, with_gt: bool = True) -> DatasetInfo:
+    """Read the manifest and annotation columns (Parquet) or the instances JSON (raw COCO). ``with_gt=False``: no
+    ground truth (a training split: only evaluation needs one), and of a Parquet dataset only its manifest."""
     if spec.parquet is not None:
         manifest = read_manifest(spec.parquet, storage)
+        if not with_gt:
+            num_images = sum(shard.num_rows for shard in manifest.shards)
+            return DatasetInfo(num_images, manifest.categories, manifest.fingerprint, None)
         rows = []
         for uri in manifest.shard_uris(spec.parquet):
             fs, path = resolve(uri, storage)
@@ -51,6 +55,8 @@ def dataset_info(spec: DatasetSpec, storage: StorageConfig) -> DatasetInfo:
             len(records), manifest.categories, manifest.fingerprint, _coco_dict(records, manifest.categories)
         )
     data = load_coco(spec.annotations, storage)  # type: ignore[arg-type]
+    if not with_gt:
+        return DatasetInfo(len(data.records), data.categories, data.fingerprint, None)
     records = [
         (
             r.image_id,

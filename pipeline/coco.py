@@ -227,11 +227,15 @@ def parse_coco(data: bytes, source: str, *, drop_images_without_annotations: boo
         raw = ann["bbox"]
         if box != [raw[0], raw[1], raw[0] + raw[2], raw[1] + raw[3]]:
             clipped += 1
-        iscrowd = bool(ann.get("iscrowd", 0))
+        iscrowd = ann.get("iscrowd", 0)
+        if not isinstance(iscrowd, int | float) or iscrowd not in (0, 1):  # "0" (a truthy string) is refused
+            raise DatasetError(
+                f"{where} (image id {image_id}) has iscrowd {iscrowd!r}; expected 0 or 1. Fix the annotation."
+            )
         area = ann.get("area")
         if not isinstance(area, int | float) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
             area = (box[2] - box[0]) * (box[3] - box[1])
-        per_image[image_id].append((box, categories.label_of(category_id), iscrowd, float(area)))
+        per_image[image_id].append((box, categories.label_of(category_id), bool(iscrowd), float(area)))
 
     records = []
     for image_id in sorted(images):

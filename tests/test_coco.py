@@ -111,6 +111,9 @@ def test_boxes_partly_outside_are_clipped() -> None:
         (_with_annotation(category_id=5), r"annotation id 99 \(image id 10\) has category_id 5.*known ids: 1, 3, 7"),
         (_with_annotation(image_id=123), "annotation id 99 refers to image id 123, which is not in 'images'"),
         (_with_annotation(id=1), "annotation id 1 appears twice"),
+        (_with_annotation(iscrowd="0"), r"annotation id 99 \(image id 10\) has iscrowd '0'; expected 0 or 1"),
+        (_with_annotation(iscrowd=2), r"annotation id 99 \(image id 10\) has iscrowd 2; expected 0 or 1"),
+        (_with_annotation(iscrowd=0.5), "has iscrowd 0.5; expected 0 or 1"),
         (
             _doc(images=[*_doc()["images"], {"id": 4, "file_name": "d.jpg", "width": 5, "height": 5}]),
             "image id 4 appears twice",

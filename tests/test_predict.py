@@ -286,3 +286,12 @@ def test_bad_input_gives_one_line_errors(
     ):
         assert f"MLflow tracking server {closed} is unreachable" in fails(*argv)
     shutil.rmtree(images)
+
+
+def test_rendered_pictures_cannot_be_written_outside_the_output():
+    from jobs.evaluate.batch_predict import rendered_name
+
+    assert rendered_name("train/000123.png", 123) == "train/000123.jpg"
+    assert rendered_name("./a.jpeg", 1) == "a.jpg"
+    for hostile in ("../../etc/cron.d/x.jpg", "a/../../b.jpg", "/abs/x.jpg", "s3://other/x.jpg", "a\\..\\b.jpg"):
+        assert rendered_name(hostile, 7) == "image-7.jpg", hostile

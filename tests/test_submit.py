@@ -143,7 +143,15 @@ def test_environment_notes() -> None:
 
 def test_secrets_never_in_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     environ = {"AWS_SECRET_ACCESS_KEY": SECRET}
-    assert secrets_in_args(["train", f"data.storage.secret_key={SECRET}"], environ) == ["AWS_SECRET_ACCESS_KEY"]
+    assert secrets_in_args(["train", f"data.storage.secret_key={SECRET}"], environ) == [
+        "AWS_SECRET_ACCESS_KEY",
+        "the secret override data.storage.secret_key=…",
+    ]
+    # a secret-named override is refused whatever its value (the stored entrypoint would keep it)
+    assert secrets_in_args(["train", "data.storage.secret_access_key=abc", "train.epochs=2"], {}) == [
+        "the secret override data.storage.secret_access_key=…"
+    ]
+    assert secrets_in_args(["train", "tracking.tracking_uri=http://mlflow:5000", "run.name=a"], {}) == []
     assert secrets_in_args(["models", "list", "--tracking-uri", "http://u:p@mlflow:5000"], {}) == [
         "a URL with a password or a secret query value"
     ]
@@ -204,6 +212,14 @@ def test_upload_leaves_out_big_folders(tmp_path: Path) -> None:
         "dhrcnn_quickstart/parquet/train/part-0.parquet",
         "data/coco/train2017/0001.jpg",
         "resnet50-0676ba61.pth",
+        ".env",  # credentials never travel with the code
+        "configs/.env.prod",
+        "certs/server.pem",
+        "certs/server.key",
+        ".aws/credentials",
+        "deploy/gcp-credentials.json",
+        "infra/k8s/secret.yaml",
+        ".netrc",
     ):
         path = project / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +237,53 @@ def test_upload_of_this_repository_is_small() -> None:
     assert "jobs/cli.py" in names and "model/__init__.py" in names and "pyproject.toml" in names
     size = measure_working_dir(ROOT, WORKING_DIR_EXCLUDES)
     assert size.total_bytes < 20 * 1024**2, size.largest
+
+
+class _TokenDashboard:
+    """A stand-in dashboard that asks for a token and records the Authorization headers it receives."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen = self.authorizations = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.headers.get("Authorization"))
+                body = b'{"authentication_mode": "token"}'
+                self.send_response(200 if self.path == "/api/authentication_mode" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.port = self.server.server_address[1]
+
+
+@pytest.mark.timeout(60)
+def test_token_is_not_sent_in_clear_to_a_remote_host_without_insecure() -> None:
+    dashboard = _TokenDashboard()
+    try:
+        remote = f"http://{socket.gethostname()}:{dashboard.port}"  # not a loopback name: treated as remote
+        environ = {"RAY_AUTH_TOKEN": SECRET}
+        options = SubmitOptions(address=remote, command=("train", "--config", "c.yaml"), wait=False)
+        with pytest.raises(SubmitError, match=r"would send it in clear.*--insecure"):
+            submit(options, environ, sys.stdout, sys.stderr)
+        assert dashboard.authorizations == [None], "only the public probe, without the token"
+        local = SubmitOptions(address=f"http://127.0.0.1:{dashboard.port}", command=options.command, wait=False)
+        insecure = SubmitOptions(address=remote, command=options.command, wait=False, insecure=True)
+        for allowed in (local, insecure):  # the token goes out (the stand-in then fails the submission)
+            with pytest.raises(SubmitError):
+                submit(allowed, environ, sys.stdout, sys.stderr)
+        assert f"Bearer {SECRET}" in dashboard.authorizations
+    finally:
+        dashboard.server.shutdown()
 
 
 @pytest.mark.timeout(60)

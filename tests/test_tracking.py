@@ -438,3 +438,108 @@ def test_unreachable_tracking_server_fails_fast() -> None:
 def test_log_detector_checks_its_inputs(detector: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match="category map has 3 classes but the model 5"):
         log_detector(detector, model_config("tiny", 5), CATEGORIES.to_dict(), RESIZE, {}, {}, run_id="x")
+
+
+def test_a_retried_job_registers_its_model_once(sqlite_cfg: TrackingConfig, detector: torch.nn.Module) -> None:
+    """The export of a worker group restarted after it (``once_per_run``) finds the run's version: no second
+    version, nothing logged again."""
+    from mlflow import MlflowClient
+
+    name = "dh-once"
+    tracker = Tracker(sqlite_cfg)
+    tracker.start()
+    logged = []
+    for _ in range(2):
+        logged.append(
+            tracker.log_detector(
+                model=detector,
+                model_cfg=model_config("tiny", CATEGORIES.num_classes),
+                categories=CATEGORIES.to_dict(),
+                resize_cfg=RESIZE,
+                metrics={"val/AP": 0.4},
+                training_config=TRAINING_CONFIG,
+                registered_model_name=name,
+                once_per_run=True,
+            )
+        )
+    tracker.end()
+    assert logged[0][1] == logged[1][1] == "1" and logged[1][0] == f"models:/{name}/1"
+    client = MlflowClient(sqlite_cfg.tracking_uri)
+    assert [v.version for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    experiment = client.get_run(tracker.run_id).info.experiment_id
+    mine = client.search_logged_models([experiment], filter_string=f"source_run_id='{tracker.run_id}'")
+    assert len(mine) == 1, "the second export logged no model"
+
+
+class _StaleWriter:
+    """A client through which a concurrent job's stale promotion lands right after our first alias write: it had
+    read the old champion before our write, and puts its own (worse) version in place."""
+
+    def __init__(self, client, name: str, stale_version: str) -> None:
+        self.client, self.name, self.stale_version, self.writes = client, name, stale_version, 0
+
+    def __getattr__(self, attr):
+        return getattr(self.client, attr)
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+        self.writes += 1
+        if self.writes == 1:
+            self.client.set_registered_model_alias(self.name, alias, self.stale_version)
+
+
+def test_promotion_is_compare_and_set(sqlite_cfg: TrackingConfig) -> None:
+    from mlflow import MlflowClient
+
+    from jobs.mlflow.registry import CHAMPION, champion_ap, promote_if_better
+
+    client = MlflowClient(sqlite_cfg.tracking_uri)
+    name = "dh-race"
+    client.create_registered_model(name)
+    for ap in (0.3, 0.5, 0.4):  # v1 the champion; v2 (ours) and v3 (the other job's) both beat it
+        client.create_model_version(name, source="file:///nowhere", tags={"AP": str(ap)})
+    client.set_registered_model_alias(name, CHAMPION, "1")
+    racing = _StaleWriter(client, name, stale_version="3")
+    assert promote_if_better(racing, name, "2", 0.5, settle_s=0.0)
+    assert racing.writes == 2, "the stale write was seen on re-reading, and undone"
+    assert champion_ap(client, name) == ("2", 0.5)
+    assert not promote_if_better(client, name, "3", 0.4, settle_s=0.0), "a worse version never takes over"
+    assert champion_ap(client, name) == ("2", 0.5)
+
+
+def test_weights_changed_after_registration_are_refused(
+    sqlite_cfg: TrackingConfig, detector: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The weights' sha256 is recorded in detector.json when logged and on the registry version when registered:
+    weights swapped in the artifact store fail the load; weights and detector.json swapped together fail the
+    registry check (evaluate, predict, pull)."""
+    from mlflow import MlflowClient
+
+    from jobs.evaluate.model_eval import load_for_eval
+    from jobs.mlflow.pyfunc_model import file_sha256
+    from jobs.mlflow.registry import resolve_artifact_uri
+
+    name, uri = "dh-sha", sqlite_cfg.tracking_uri
+    tracker = Tracker(sqlite_cfg)
+    tracker.start()
+    version = _log(tracker, detector, 0.3, name)
+    tracker.end()
+    recorded = MlflowClient(uri).get_model_version(name, version).tags["weights_sha256"]
+    folder = Path(resolve_artifact_uri(f"models:/{name}/{version}", uri).removeprefix("file://")) / "artifacts"
+    weights, spec_path = folder / "weights.pt", folder / "detector.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["weights_sha256"] == recorded == file_sha256(weights)
+    load_for_eval(f"models:/{name}/{version}", tracking_uri=uri)  # untouched: loads
+
+    state = torch.load(weights, weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 1.0
+    torch.save(state, weights)
+    with pytest.raises(Exception, match="the weights were changed after logging"):
+        load_detector(str(folder.parent))
+    spec_path.write_text(json.dumps({**spec, "weights_sha256": file_sha256(weights)}))  # both rewritten
+    with pytest.raises(RegistryError, match="changed after registration"):
+        load_for_eval(f"models:/{name}/{version}", tracking_uri=uri)
+    with pytest.raises(RegistryError, match="changed after registration; nothing was kept"):
+        pull(f"models:/{name}/{version}", tmp_path / "pulled", tracking_uri=uri)
+    assert not (tmp_path / "pulled").exists()

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from jobs.config import JobConfig, resolve_job_config
 from jobs.train.job import run_training
 from jobs.train.optim_step import NonFiniteLossError
+from jobs.train.preflight import PreflightError
 from jobs.train.schedule import lr_factor, scaled_lr
 from tests.train_hooks import (
     NonFiniteImages,
@@ -113,14 +115,25 @@ def test_nan_steps_are_skipped_and_counted(dataset, tmp_path):
     losses = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
     assert sorted(losses) == [1, 2, 5, 6], "the logged loss leaves the skipped steps out"
     assert all(math.isfinite(v) for v in losses.values())
+    checkpointed = sorted(
+        torch.load(path / "state.pt", weights_only=True)["progress"]["iteration"]
+        for path in (tmp_path / "runs" / "nan-skip").glob("checkpoint_*")
+    )
+    assert checkpointed == [6], "no checkpoint at iteration 4: the non-finite streak was still open there"
 
 
 @pytest.mark.slow
-def test_consecutive_nans_stop_the_job_and_keep_the_checkpoint(dataset, tmp_path):
-    job = make_job(dataset, tmp_path, "nan-stop", epochs=1, max_consecutive_nan=2)
+def test_consecutive_nans_stop_the_job_once_and_keep_the_checkpoint(dataset, tmp_path):
+    """A non-finite stop is not retried (``max_failures: 2``): the restarted worker groups find the fatal record
+    and fail at once instead of replaying the training since the checkpoint."""
+    raw = make_job(dataset, tmp_path, "nan-stop", epochs=1, max_consecutive_nan=2).to_dict()
+    job = resolve_job_config({**raw, "run": {**raw["run"], "max_failures": 2}})
+    record = tmp_path / "weights.jsonl"
     with pytest.raises(Exception, match="consecutive steps with a non-finite") as err:
-        run_training(job, hooks=[NonFiniteImages((4, 5))])  # the 5th and 6th steps
+        run_training(job, hooks=[NonFiniteImages((4, 5)), RecordWeights(record)])  # the 5th and 6th steps
     assert isinstance(err.value, NonFiniteLossError) or "NonFiniteLossError" in str(err.value)
+    assert "not retried" in str(err.value)
+    assert [r["iteration"] for r in read_records(record) if r["event"] == "start"] == [0], "trained once"
     checkpoints = list((tmp_path / "runs" / "nan-stop").glob("checkpoint_*"))
     assert checkpoints, "the last good checkpoint (iteration 4) must be kept"
     _, runs = mlflow_runs(job)
@@ -159,6 +172,15 @@ def test_killed_worker_is_replaced_and_resumes_from_its_checkpoint_exactly(datas
     assert 0.0 <= got.metrics["val/AP"] <= 1.0
 
 
+def test_a_class_mismatch_is_refused_before_any_worker_starts(dataset, tmp_path):
+    raw = make_job(dataset, tmp_path, "mismatch").to_dict()
+    job = resolve_job_config({**raw, "model": {**raw["model"], "num_classes": 5}})
+    with pytest.raises(PreflightError, match=r"model.num_classes is 5 but data.train has 3 categories"):
+        run_training(job)
+    assert not (tmp_path / "runs" / "mismatch").exists(), "nothing started, nothing written"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
     from jobs.config import DatasetSpec
     from jobs.evaluate.model_eval import evaluate_model, load_for_eval
@@ -185,6 +207,11 @@ def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
     beside_run = yaml.safe_load((tmp_path / "runs" / "registered" / "config.yaml").read_text())
     logged = yaml.safe_load(Path(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))).read_text())
     assert beside_run == logged and resolve_job_config(beside_run).model == job.model
+
+    again = run_training(job)  # a finished job started again: its result, nothing reopened or registered
+    assert again.run_id == result.run_id and again.metrics["val/AP"] == result.metrics["val/AP"]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert [v.version for v in client.search_model_versions("name='dh-test'")] == ["1"]
 
     detector = load_for_eval("models:/dh-test@champion", tracking_uri=uri)
     metrics, _ = evaluate_model(detector, DatasetSpec(parquet=str(dataset / "parquet" / "val")), StorageConfig())

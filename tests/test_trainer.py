@@ -191,3 +191,17 @@ def test_a_skipped_step_puts_the_batchnorm_statistics_back():
     step.begin()
     assert not step.step(model(torch.full((4, 2), float("nan"))).sum())
     assert all(torch.equal(a, b) for a, b in zip(buffers, good, strict=True)), "NaN statistics were kept"
+
+
+def test_a_fatal_error_is_refused_for_the_rest_of_its_attempt(tmp_path):
+    from jobs.train.fatal import FATAL, FatalError, record_fatal, refuse_after_fatal
+    from pipeline.storage import StorageConfig
+
+    run_dir, storage = str(tmp_path / "run"), StorageConfig()
+    refuse_after_fatal(run_dir, storage, "a1")  # nothing recorded yet
+    error = NonFiniteLossError("2 consecutive steps with a non-finite loss or gradient norm; stopping")
+    assert isinstance(error, FATAL) and not isinstance(OSError("network"), FATAL)
+    record_fatal(run_dir, storage, "a1", error)
+    with pytest.raises(FatalError, match=r"not retried: NonFiniteLossError: 2 consecutive steps.*start the job again"):
+        refuse_after_fatal(run_dir, storage, "a1")
+    refuse_after_fatal(run_dir, storage, "a2")  # the job started again: a new attempt goes ahead

@@ -64,6 +64,7 @@ class SubmitOptions:
         stop_on_interrupt: Ctrl-C while following stops the job instead of detaching.
         forward_settings: forward the S3/MLflow settings of the submitting environment.
         forward_credentials: forward its credentials too (through the runtime environment only).
+        insecure: send the cluster's token over plain HTTP to a remote host (refused otherwise).
     """
 
     address: str
@@ -72,6 +73,7 @@ class SubmitOptions:
     stop_on_interrupt: bool = False
     forward_settings: bool = True
     forward_credentials: bool = False
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def submit(options: SubmitOptions, environ: Mapping[str, str], out: TextIO, err:
         )
     except ValueError as exc:
         raise SubmitError(str(exc)) from None
-    client, token = connect(options.address, environ)
+    client, token = connect(options.address, environ, insecure=options.insecure)
     _print_plan(options, env, token, err)
     submission_id = f"dhrcnn-{options.command[0]}-{uuid.uuid4().hex[:8]}"
     try:
@@ -150,16 +152,27 @@ def submit(options: SubmitOptions, environ: Mapping[str, str], out: TextIO, err:
     return follow(client, options, submission_id, token, out, err)
 
 
-def connect(address: str, environ: Mapping[str, str]) -> tuple[JobSubmissionClient, AuthToken | None]:
+def connect(
+    address: str, environ: Mapping[str, str], *, insecure: bool = False
+) -> tuple[JobSubmissionClient, AuthToken | None]:
     """A Jobs API client for the dashboard at ``address``, with the token when the cluster asks for one.
 
     Raises:
-        SubmitError: unreachable, not a dashboard, no token, or a token the cluster refuses.
+        SubmitError: unreachable, not a dashboard, no token, a token the cluster refuses, or a token that would
+            travel in clear (plain HTTP to a host other than this machine) without ``insecure``.
     """
     from ray.job_submission import JobSubmissionClient
 
     try:
-        token = required_token(address, environ, Path.home()) if probe_dashboard(address) else None
+        wants_token = probe_dashboard(address)  # a public endpoint: no token sent
+        if wants_token and _in_clear(address) and not insecure:
+            raise SubmitError(
+                f"the Ray cluster at {address} asks for a token, and plain HTTP to a remote host would send it in "
+                "clear: use its https:// address, or a tunnel (`kubectl port-forward svc/dhrcnn-head-svc "
+                "8265:8265`, `ray dashboard CLUSTER.yaml`) and http://127.0.0.1:8265, or pass --insecure to send "
+                "it anyway."
+            )
+        token = required_token(address, environ, Path.home()) if wants_token else None
     except DashboardError as exc:
         raise SubmitError(str(exc)) from None
     headers = token.header() if token is not None else None
@@ -236,10 +249,10 @@ def _print_plan(options: SubmitOptions, env: JobEnvironment, token: AuthToken | 
     print(f"command:      dhrcnn {shlex.join(options.command)}", file=err)
     print(f"working dir:  {env.working_dir} ({size.summary()}, before .gitignore/.rayignore)", file=err)
     print(f"environment:  {', '.join(env.describe()) or '(nothing forwarded)'}", file=err)
-    if token is not None and options.address.startswith("http://") and not _is_loopback(options.address):
+    if token is not None and _in_clear(options.address):
         print(
-            "note: the token travels in clear over plain HTTP to a remote host: prefer https, or a tunnel "
-            "(`kubectl port-forward`, `ray dashboard`) and http://127.0.0.1.",
+            "warning: --insecure: the token travels in clear over plain HTTP to a remote host: prefer https, or a "
+            "tunnel (`kubectl port-forward`, `ray dashboard`) and http://127.0.0.1.",
             file=err,
         )
     if size.total_bytes > UPLOAD_LIMIT_BYTES:
@@ -257,6 +270,11 @@ def _print_plan(options: SubmitOptions, env: JobEnvironment, token: AuthToken | 
 def _first_line(message: str) -> str:
     """Ray's message for a failed entrypoint, without the end of the logs it repeats (already shown)."""
     return message.splitlines()[0].split(", last available logs")[0] if message.strip() else message
+
+
+def _in_clear(address: str) -> bool:
+    """Whether a request to ``address`` crosses the network unencrypted: plain HTTP to a non-loopback host."""
+    return address.startswith("http://") and not _is_loopback(address)
 
 
 def _is_loopback(address: str) -> bool:

@@ -25,7 +25,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from jobs.redact import MASK, has_url_password, redact_value
+from jobs.redact import MASK, has_url_password, is_secret_key, redact_value
 
 # Non-secret settings forwarded by default (when set in the submitting environment).
 SETTINGS: tuple[str, ...] = (
@@ -78,10 +78,29 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
     "/checkpoints",
     "/build",
     "/dist",
+    # credentials never travel with the code: they reach a job through its environment (--forward-credentials)
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    ".netrc",
+    ".aws",
+    ".ray",
+    "credentials",
+    "*credentials*.json",
+    "*credentials*.yaml",
+    "*credentials*.yml",
+    "*secret*.yaml",
+    "*secret*.yml",
+    "*secret*.json",
+    "auth_token",
 )
 # The dashboard accepts job-submission uploads up to 100 MiB (zipped; Ray's DASHBOARD_CLIENT_MAX_SIZE).
 UPLOAD_LIMIT_BYTES = 100 * 1024**2
 
+_OVERRIDE = re.compile(r"([A-Za-z_][\w.-]*)=")  # a dotted config key override, ``data.storage.secret_key=…``
 _LOOPBACK = re.compile(r"://(localhost|127\.\d+\.\d+\.\d+|\[::1\])(:|/|$)")
 
 
@@ -169,7 +188,8 @@ def redact(name: str, value: str) -> str:
 
 def secrets_in_args(args: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     """Why ``args`` must not become a job's command line: the names of the secret variables whose values they
-    contain, and ``"a URL with a password"``; empty when they are clean."""
+    contain, ``"a URL with a password"``, and the secret-named config overrides (``data.storage.secret_access_key=…``);
+    empty when they are clean."""
     found = [
         name
         for name in SECRET_VARIABLES
@@ -177,6 +197,8 @@ def secrets_in_args(args: Sequence[str], environ: Mapping[str, str]) -> list[str
     ]
     if any(has_url_password(arg) for arg in args):
         found.append("a URL with a password or a secret query value")
+    overrides = [m.group(1) for arg in args if (m := _OVERRIDE.match(arg))]
+    found += [f"the secret override {key}=…" for key in overrides if is_secret_key(key)]
     return found
 
 

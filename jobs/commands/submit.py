@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "PASSWORD/TOKEN through the runtime environment (default: the cluster has its own: IAM role, Secret)",
     )
     parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the cluster's token over plain HTTP to a remote host (refused otherwise: use https or a tunnel)",
+    )
+    parser.add_argument(
         "--no-forward-settings",
         action="store_true",
         help="do not forward AWS_ENDPOINT_URL, AWS_REGION, MLFLOW_TRACKING_URI, …: keep the cluster's",
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             stop_on_interrupt=args.stop_on_interrupt,
             forward_settings=not args.no_forward_settings,
             forward_credentials=args.forward_credentials,
+            insecure=args.insecure,
         )
         return submit(options, os.environ, sys.stdout, sys.stderr).exit_code
     except (SubmitError, DashboardError) as exc:

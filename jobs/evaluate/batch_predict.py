@@ -50,6 +50,7 @@ import pyarrow as pa
 
 from jobs.mlflow.registry import check_detector
 from jobs.mlflow.uri import resolve_tracking_uri
+from pipeline.coco import DatasetError, check_file_name
 from pipeline.storage import StorageConfig, StorageError, join, list_files, read_bytes, read_many, resolve, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -300,8 +301,19 @@ def _write_outputs(cfg: PredictConfig, table: pa.Table, skipped: list[tuple[str,
     if skipped:
         put("skipped.json", json.dumps([{"file_name": n, "reason": r} for n, r in skipped], indent=1).encode())
     for row in rows[: cfg.render]:
-        put(f"rendered/{posixpath.splitext(row['file_name'])[0]}.jpg", _render(cfg, row))
+        put(f"rendered/{rendered_name(row['file_name'], row['image_id'])}", _render(cfg, row))
     return PredictResult(len(rows), len(results), tuple(skipped), tuple(written))
+
+
+def rendered_name(file_name: str, image_id: int) -> str:
+    """The picture's name under ``rendered/``: the image's relative path with ``.jpg``, or ``image-<id>.jpg`` for a
+    name that is not a safe relative path (``..`` segments, absolute, a URI: an object key may be anything), so
+    that no input name writes outside ``--out``."""
+    try:
+        relative = check_file_name(file_name, "predict")
+    except DatasetError:
+        return f"image-{int(image_id)}.jpg"
+    return f"{posixpath.splitext(relative)[0]}.jpg"
 
 
 def _coco_results(row: dict[str, Any]) -> list[dict[str, Any]]:

@@ -39,7 +39,10 @@ def load_for_eval(model_uri: str, tracking_uri: str | None = None, device: str =
         resize = ResizeConfig(**meta["resize"]) if "resize" in meta else ResizeConfig()
         return LoadedDetector(model, resize, None)
     from jobs.mlflow.pyfunc_model import load_detector, unwrap
+    from jobs.mlflow.registry import check_detector
 
+    if model_uri.startswith("models:/"):
+        check_detector(model_uri, tracking_uri)  # the flavour, and the weights' hash the registry recorded
     inner = unwrap(load_detector(model_uri, tracking_uri=tracking_uri, device=device))
     return LoadedDetector(inner.detector, inner.resize, inner.categories)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import io
 import json
 import shutil
@@ -128,6 +129,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.resize = from_mapping(ResizeConfig, spec["preprocessing"]["resize"], "preprocessing.resize")
         cfg = from_mapping(ModelConfig, spec["model_config"], "model")
         detector = build_model(cfg)
+        check_weights(Path(context.artifacts["weights"]), spec.get("weights_sha256"))
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         detector.load_state_dict(state)
         self.detector = detector.to(self.device).eval()
@@ -189,6 +191,7 @@ def _write_artifacts(
     module = getattr(detector, "module", detector)  # DistributedDataParallel
     module = getattr(module, "_orig_mod", module)  # torch.compile
     torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, weights)
+    spec["weights_sha256"] = file_sha256(weights)
     spec_path = folder / "detector.json"
     spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
     code = folder / "code"
@@ -196,6 +199,24 @@ def _write_artifacts(
         source = Path(package.__file__).parent
         shutil.copytree(source, code / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return {"weights": str(weights), "detector": str(spec_path)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights(path: Path, expected: str | None) -> None:
+    """Refuse weights whose sha256 is not ``expected`` (recorded when the model was logged; ``None``: a model
+    logged before hashes were recorded)."""
+    if expected is not None and (found := file_sha256(path)) != expected:
+        raise ValueError(
+            f"{path.name}: sha256 {found[:16]}… is not the {expected[:16]}… recorded when the model was logged: the "
+            "weights were changed after logging; load the model from a trusted copy"
+        )
 
 
 def log_detector(
@@ -255,7 +276,7 @@ def log_detector(
             pip_requirements=pip_requirements(),
             signature=_signature(),
             input_example=_input_example(),
-            metadata={"dhrcnn_format": FORMAT},
+            metadata={"dhrcnn_format": FORMAT, "weights_sha256": spec["weights_sha256"]},
         )
     return info.model_uri
 

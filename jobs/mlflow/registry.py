@@ -8,8 +8,11 @@ versions. :func:`pull` accepts only pyfuncs written by :func:`jobs.mlflow.pyfunc
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 import yaml
 
 from jobs.evaluate.coco_eval import STAT_NAMES
-from jobs.mlflow.pyfunc_model import FORMAT
+from jobs.mlflow.pyfunc_model import FORMAT, file_sha256
 from jobs.mlflow.uri import TrackingError, check_reachable, resolve_tracking_uri, tracking_uri_scope
 from jobs.redact import redact_url
 
@@ -145,6 +148,16 @@ def resolve_artifact_uri(model_uri: str, tracking_uri: str | None = None) -> str
             return str(client.get_logged_model(ref).artifact_location)
         except MlflowException as err:
             raise RegistryError(f"no logged model {ref!r} in {redact_url(uri)}") from err
+    name, version = registered_version(client, model_uri, uri)
+    try:
+        return str(client.get_model_version_download_uri(name, version))
+    except MlflowException as err:
+        raise RegistryError(f"registered model {name!r} has no version {version}") from err
+
+
+def registered_version(client: Any, model_uri: str, uri: str) -> tuple[str, str]:
+    """``(name, version)`` of ``models:/NAME@ALIAS`` (the alias resolved now) or ``models:/NAME/VERSION``."""
+    ref = model_uri[len("models:/") :].strip("/")
     if "@" in ref:
         name, alias = ref.split("@", 1)
         registered = _registered_model(client, name, uri)
@@ -152,16 +165,12 @@ def resolve_artifact_uri(model_uri: str, tracking_uri: str | None = None) -> str
         if alias not in aliases:
             known = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
             raise RegistryError(f"registered model {name!r} has no alias {alias!r} (aliases: {known})")
-        version = str(aliases[alias])
-    else:
-        name, _, version = ref.rpartition("/")
-        if not name or not version.isdigit():
-            raise RegistryError(f"bad model URI {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        _registered_model(client, name, uri)
-    try:
-        return str(client.get_model_version_download_uri(name, version))
-    except MlflowException as err:
-        raise RegistryError(f"registered model {name!r} has no version {version}") from err
+        return name, str(aliases[alias])
+    name, _, version = ref.rpartition("/")
+    if not name or not version.isdigit():
+        raise RegistryError(f"bad model URI {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    _registered_model(client, name, uri)
+    return name, version
 
 
 def check_detector(model_uri: str, tracking_uri: str | None = None) -> str:
@@ -179,10 +188,32 @@ def check_detector(model_uri: str, tracking_uri: str | None = None) -> str:
         with tempfile.TemporaryDirectory(prefix="dhrcnn-mlmodel-") as tmp, tracking_uri_scope(uri):
             mlmodel = mlflow.artifacts.download_artifacts(f"{artifact_uri.rstrip('/')}/MLmodel", dst_path=tmp)
             _check_flavor(Path(mlmodel), model_uri)
+            expected = _registered_sha256(model_uri, uri)
+            if expected is not None:
+                spec_file = f"{artifact_uri.rstrip('/')}/artifacts/detector.json"
+                spec = json.loads(Path(mlflow.artifacts.download_artifacts(spec_file, dst_path=tmp)).read_text())
+                recorded = str(spec.get("weights_sha256"))
+                if recorded != expected:
+                    raise RegistryError(
+                        f"{model_uri}: its detector.json records weights sha256 {recorded[:16]}… "
+                        f"but the version was registered with {expected[:16]}…: the model's artifacts changed after "
+                        "registration; do not load it"
+                    )
     except (MlflowException, OSError) as err:
         message = (getattr(err, "message", None) or str(err)).splitlines()[0]
         raise RegistryError(f"{model_uri}: no MLflow model there ({redact_url(artifact_uri)}: {message})") from err
     return artifact_uri
+
+
+def _registered_sha256(model_uri: str, uri: str) -> str | None:
+    """The ``weights_sha256`` tag of the registry version ``model_uri`` names (``None``: not a registry URI, or a
+    version registered before hashes were recorded)."""
+    ref = model_uri[len("models:/") :].strip("/") if model_uri.startswith("models:/") else ""
+    if not ref or (ref.startswith("m-") and "/" not in ref and "@" not in ref):
+        return None
+    client, _ = _client(uri)
+    name, version = registered_version(client, model_uri, uri)
+    return client.get_model_version(name, version).tags.get("weights_sha256")
 
 
 def _check_flavor(mlmodel_path: Path, model_uri: str) -> None:
@@ -225,6 +256,14 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
         repo.download_artifacts("", dst_path=str(out))
     except MlflowException as err:
         raise RegistryError(f"cannot download {model_uri} from {redact_url(uri)}: {err.message}") from err
+    expected = _registered_sha256(model_uri, uri)
+    found = file_sha256(out / "artifacts" / "weights.pt") if expected is not None else None
+    if found != expected:
+        shutil.rmtree(out)
+        raise RegistryError(
+            f"{model_uri}: the downloaded weights have sha256 {str(found)[:16]}… but the version was registered with "
+            f"{str(expected)[:16]}…: the model's artifacts changed after registration; nothing was kept"
+        )
     return out
 
 
@@ -233,19 +272,46 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def register_detector(model_uri: str, name: str, metrics: Mapping[str, Any], tracking_uri: str | None = None) -> str:
+def register_detector(
+    model_uri: str,
+    name: str,
+    metrics: Mapping[str, Any],
+    tracking_uri: str | None = None,
+    *,
+    once_for_run: str | None = None,
+) -> str:
     """Register the detector logged at ``model_uri`` (``models:/m-...``, by
     :func:`jobs.mlflow.pyfunc_model.log_detector`) as a new version of ``name``, tagged with its COCO metrics (bare or
     ``val/``-prefixed keys of ``metrics``; other entries ignored), and move alias ``champion`` to it if its AP
-    beats the champion's (a model without AP never replaces an existing champion). Returns the version."""
+    beats the champion's (a model without AP never replaces an existing champion; :func:`promote_if_better`).
+    With ``once_for_run`` (an MLflow run id), a version that run already registered under ``name`` is returned
+    instead (:func:`version_of_run`): a retried job registers once. Returns the version."""
     numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     import mlflow
 
     with tracking_uri_scope(tracking_uri):
+        client = mlflow.MlflowClient()
+        if once_for_run is not None and (existing := version_of_run(client, name, once_for_run)) is not None:
+            return existing
         tags = {k: f"{v:.6g}" for k in STAT_NAMES if (v := _metric(numbers, k)) is not None}
-        version = mlflow.register_model(model_uri, name, tags={**tags, "format": FORMAT})
-        _maybe_promote(mlflow.MlflowClient(), name, str(version.version), _metric(numbers, "AP"))
+        sha = (mlflow.models.get_model_info(model_uri).metadata or {}).get("weights_sha256")
+        tags |= {"format": FORMAT} | ({"weights_sha256": sha} if sha else {})
+        version = mlflow.register_model(model_uri, name, tags=tags)
+        promote_if_better(client, name, str(version.version), _metric(numbers, "AP"))
     return str(version.version)
+
+
+def version_of_run(client: Any, name: str, run_id: str) -> str | None:
+    """The lowest version of ``name`` whose model the MLflow run ``run_id`` logged, or ``None``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+    return min((str(v.version) for v in versions), key=int, default=None)
 
 
 def champion_ap(client: Any, name: str, alias: str = CHAMPION) -> tuple[str | None, float | None]:
@@ -266,11 +332,20 @@ def champion_ap(client: Any, name: str, alias: str = CHAMPION) -> tuple[str | No
     return str(holder.version), None
 
 
-def _maybe_promote(client: Any, name: str, version: str, ap: float | None) -> bool:
-    """Move ``champion`` to ``version`` when there is no champion or ``ap`` is strictly higher than its AP."""
-    current, current_ap = champion_ap(client, name)
-    better = ap is not None and (current_ap is None or ap > current_ap)
-    if current is None or better:
+def promote_if_better(
+    client: Any, name: str, version: str, ap: float | None, *, rounds: int = 5, settle_s: float = 0.5
+) -> bool:
+    """Move ``champion`` to ``version`` when there is no champion or ``ap`` is strictly higher than its AP, as a
+    compare-and-set: after setting, wait ``settle_s`` and read the alias again; if a concurrent job has since put
+    a worse version there (it read the old champion before our write), set it again, up to ``rounds`` times.
+    Returns whether ``version`` holds ``champion`` at the end."""
+    for _ in range(rounds):
+        current, current_ap = champion_ap(client, name)
+        if current == version:
+            return True
+        better = ap is not None and (current_ap is None or ap > current_ap)
+        if current is not None and not better:
+            return False
         client.set_registered_model_alias(name, CHAMPION, version)
-        return True
-    return False
+        time.sleep(settle_s)
+    return champion_ap(client, name)[0] == version

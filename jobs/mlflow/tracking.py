@@ -275,22 +275,33 @@ class Tracker:
         self._client.log_text(self._require_run(), text, artifact_file)
 
     def log_detector(
-        self, *, metrics: Mapping[str, float], registered_model_name: str | None = None, **kwargs: Any
+        self,
+        *,
+        metrics: Mapping[str, float],
+        registered_model_name: str | None = None,
+        once_per_run: bool = False,
+        **kwargs: Any,
     ) -> tuple[str, str | None] | None:
         """Log the detector into this run (:func:`jobs.mlflow.pyfunc_model.log_detector`, same arguments) and
         register it (:func:`jobs.mlflow.registry.register_detector`) under ``registered_model_name``, else the
-        config's name (not registered when that is ``None``). Returns ``(logged model URI, version or None)``;
-        ``None`` when disabled."""
+        config's name (not registered when that is ``None``). With ``once_per_run``, a version this run registered
+        already is returned and nothing is logged again (a job retried after its export). Returns ``(model URI,
+        version or None)``; ``None`` when disabled."""
         if not self.enabled:
             return None
         from jobs.mlflow.pyfunc_model import log_detector
-        from jobs.mlflow.registry import register_detector
+        from jobs.mlflow.registry import register_detector, version_of_run
 
+        run_id = self._require_run()
         name = registered_model_name or self.cfg.registered_model_name
-        model_uri = log_detector(metrics=metrics, run_id=self._require_run(), tracking_uri=self.tracking_uri, **kwargs)
+        if once_per_run and name is not None and (version := version_of_run(self._client, str(name), run_id)):
+            return f"models:/{name}/{version}", version
+        model_uri = log_detector(metrics=metrics, run_id=run_id, tracking_uri=self.tracking_uri, **kwargs)
         if name is None:
             return model_uri, None
-        return model_uri, register_detector(model_uri, str(name), metrics, tracking_uri=self.tracking_uri)
+        once = run_id if once_per_run else None
+        version = register_detector(model_uri, str(name), metrics, tracking_uri=self.tracking_uri, once_for_run=once)
+        return model_uri, version
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``. A job that will resume need not call it."""

@@ -32,6 +32,7 @@ class ExportModel(Hook):
             resize_cfg=self.job.data.augment.resize,
             metrics={"AP": ap} if ap >= 0 else {},
             training_config=self.job.to_dict(),
+            once_per_run=True,  # a worker group restarted after this export finds its version
         )
         model_uri, version = logged
         name = self.job.tracking.registered_model_name

@@ -7,6 +7,7 @@ checkpoint (Ray Train V2 restores from the run's storage) and continues the same
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -25,7 +26,9 @@ from jobs.datasets import dataset_info, source_of
 from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags
 from jobs.redact import redact_config
 from jobs.train.hooks import Hook
+from jobs.train.identity import check_identity, finished_result, record_result
 from jobs.train.loop import WorkerArgs, num_iters_per_epoch, train_worker
+from jobs.train.preflight import cluster_capacity, preflight
 from jobs.train.progress import ProgressBoard
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
 from pipeline.stream import StreamConfig, eval_dataset, train_dataset
@@ -85,15 +88,27 @@ def run_training(
     (``None``: no bars, Ray Train's defaults). ``hooks``: extra :class:`~jobs.train.hooks.Hook` objects for every
     Train worker, called before the job's own (pickled to the workers)."""
     storage = job.data.storage
-    train_info = dataset_info(job.data.train, storage)
+    train_info = dataset_info(job.data.train, storage, with_gt=False)  # only evaluation needs a ground truth
     val_info = dataset_info(job.data.val, storage) if job.data.val is not None else None
+    cpus, autoscaling = cluster_capacity()
+    preflight(job, train_info, val_info, cluster_cpus=cpus, autoscaling=autoscaling)
     stream = StreamConfig(augment=job.data.augment, seed=job.train.seed, rows_per_task=job.data.rows_per_task)
     datasets = {"train": train_dataset(source_of(job.data.train), storage, stream)}
     if job.data.val is not None:
         datasets["val"] = eval_dataset(source_of(job.data.val), storage, stream)
 
-    job = replace(job, tracking=ensure_tracking_store(job.tracking))  # absolute URI for the workers
     run_dir = join(job.run.storage_path, job.run.name)
+    check_identity(run_dir, storage, job, train_info.fingerprint)
+    done = finished_result(run_dir, storage, job.train.epochs)
+    if done is not None:
+        print(
+            f"{job.run.name} finished already ({done['epochs']} epochs): val/AP "
+            f"{done['metrics'].get('val/AP', float('nan')):.4f}, model {done['metrics'].get('model_uri')}, MLflow "
+            f"run {done['run_id']}. Raise train.epochs to train it further, or give a new run.name to train anew.",
+            flush=True,
+        )
+        return TrainResult(done["metrics"], done["checkpoint_path"], done["run_id"])
+    job = replace(job, tracking=ensure_tracking_store(job.tracking))  # absolute URI for the workers
     run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint, parent_run_id=parent_run_id)
     iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
     board = ProgressBoard.remote() if console is not None else None
@@ -107,6 +122,8 @@ def run_training(
         threads_per_worker=threads_per_worker,
         progress_board=board,
         hooks=tuple(hooks),
+        run_dir=run_dir if run_dir.startswith("s3://") else os.path.abspath(run_dir),
+        attempt=uuid.uuid4().hex,
     )
     filesystem, storage_path = run_storage(job.run.storage_path, storage)
     resources = {"CPU": job.scaling.cpus_per_worker}
@@ -154,7 +171,9 @@ def run_training(
         if board is not None:
             ray.kill(board)
     path = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(dict(result.metrics or {}), path, run_id)
+    metrics = dict(result.metrics or {})
+    record_result(run_dir, storage, job.train.epochs, {"metrics": metrics, "checkpoint_path": path, "run_id": run_id})
+    return TrainResult(metrics, path, run_id)
 
 
 def job_run_id(

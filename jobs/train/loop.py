@@ -20,6 +20,7 @@ from jobs.mlflow.tracking import Tracker
 from jobs.train.checkpoint import Checkpointer, load_state
 from jobs.train.evaluation import EvaluationHook, Evaluator
 from jobs.train.export import ExportModel
+from jobs.train.fatal import FATAL, record_fatal, refuse_after_fatal
 from jobs.train.hooks import Hook
 from jobs.train.optim_step import OptimizerStep, running_stats
 from jobs.train.progress import MetricLogger, StepMeter
@@ -46,6 +47,8 @@ class WorkerArgs:
         threads_per_worker: torch intra-op threads (``None``: torch's default).
         progress_board: a :class:`~jobs.train.progress.ProgressBoard` for the driver's progress bars.
         hooks: extra hooks, called before the job's own at every point (e.g. a test's fault injection).
+        run_dir: the job's run directory (absolute path or ``s3://`` URI) and ``attempt``: an id of this
+            ``run_training`` call; with them, errors a retry cannot fix fail the job once (:mod:`jobs.train.fatal`).
     """
 
     job: JobConfig
@@ -57,9 +60,24 @@ class WorkerArgs:
     threads_per_worker: int | None = None
     progress_board: Any = None
     hooks: tuple[Hook, ...] = ()
+    run_dir: str | None = None
+    attempt: str | None = None
 
 
 def train_worker(args: WorkerArgs) -> None:
+    """Ray Train's per-worker function: :func:`train` once, unless this attempt already failed for good."""
+    storage = args.job.data.storage
+    if args.run_dir is None or args.attempt is None:
+        return train(args)
+    refuse_after_fatal(args.run_dir, storage, args.attempt)
+    try:
+        train(args)
+    except FATAL as error:
+        record_fatal(args.run_dir, storage, args.attempt, error)
+        raise
+
+
+def train(args: WorkerArgs) -> None:
     flush_denormals()  # before the first parallel op: the intra-op threads inherit it (jobs/denormals.py)
     job, train = args.job, args.job.train
     ctx = ray.train.get_context()

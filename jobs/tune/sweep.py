@@ -99,7 +99,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     storage = job.data.storage
     sweep_dir = join(job.run.storage_path, job.run.name)
     trials_path = join(sweep_dir, "trials")
-    fingerprint = dataset_info(job.data.train, storage).fingerprint
+    fingerprint = dataset_info(job.data.train, storage, with_gt=False).fingerprint
     parent_run_id = job_run_id(job.tracking, sweep_dir, storage, job, fingerprint)
     parent = Tracker(job.tracking)
     parent.start(parent_run_id)
