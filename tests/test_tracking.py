@@ -465,7 +465,7 @@ def test_a_retried_job_registers_its_model_once(sqlite_cfg: TrackingConfig, dete
     tracker.end()
     assert logged[0][1] == logged[1][1] == "1" and logged[1][0] == f"models:/{name}/1"
     client = MlflowClient(sqlite_cfg.tracking_uri)
-    assert [v.version for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
     experiment = client.get_run(tracker.run_id).info.experiment_id
     mine = client.search_logged_models([experiment], filter_string=f"source_run_id='{tracker.run_id}'")
     assert len(mine) == 1, "the second export logged no model"

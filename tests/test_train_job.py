@@ -116,8 +116,8 @@ def test_nan_steps_are_skipped_and_counted(dataset, tmp_path):
     assert sorted(losses) == [1, 2, 5, 6], "the logged loss leaves the skipped steps out"
     assert all(math.isfinite(v) for v in losses.values())
     checkpointed = sorted(
-        torch.load(path / "state.pt", weights_only=True)["progress"]["iteration"]
-        for path in (tmp_path / "runs" / "nan-skip").glob("checkpoint_*")
+        torch.load(path, weights_only=True)["progress"]["iteration"]
+        for path in (tmp_path / "runs" / "nan-skip").glob("checkpoint_*/state.pt")
     )
     assert checkpointed == [6], "no checkpoint at iteration 4: the non-finite streak was still open there"
 
@@ -134,7 +134,7 @@ def test_consecutive_nans_stop_the_job_once_and_keep_the_checkpoint(dataset, tmp
     assert isinstance(err.value, NonFiniteLossError) or "NonFiniteLossError" in str(err.value)
     assert "not retried" in str(err.value)
     assert [r["iteration"] for r in read_records(record) if r["event"] == "start"] == [0], "trained once"
-    checkpoints = list((tmp_path / "runs" / "nan-stop").glob("checkpoint_*"))
+    checkpoints = list((tmp_path / "runs" / "nan-stop").glob("checkpoint_*/state.pt"))
     assert checkpoints, "the last good checkpoint (iteration 4) must be kept"
     _, runs = mlflow_runs(job)
     assert runs[0].info.status == "FAILED"
@@ -211,7 +211,7 @@ def test_registered_model_evaluates_to_the_training_ap(dataset, tmp_path):
     again = run_training(job)  # a finished job started again: its result, nothing reopened or registered
     assert again.run_id == result.run_id and again.metrics["val/AP"] == result.metrics["val/AP"]
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    assert [v.version for v in client.search_model_versions("name='dh-test'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='dh-test'")] == ["1"]
 
     detector = load_for_eval("models:/dh-test@champion", tracking_uri=uri)
     metrics, _ = evaluate_model(detector, DatasetSpec(parquet=str(dataset / "parquet" / "val")), StorageConfig())

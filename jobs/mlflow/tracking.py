@@ -257,9 +257,9 @@ class Tracker:
 
         run_id, now = self._require_run(), int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if step > self._last_step.get(k, -1)]
-        self._last_step.update({m.key: int(step) for m in batch})
         for i in range(0, len(batch), _METRIC_BATCH):
             self._client.log_batch(run_id, metrics=batch[i : i + _METRIC_BATCH])
+            self._last_step.update({m.key: int(step) for m in batch[i : i + _METRIC_BATCH]})  # sent: not again
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory's contents under ``artifact_path`` of the run."""

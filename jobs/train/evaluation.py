@@ -113,6 +113,16 @@ class Evaluator:
         metrics = evaluate_coco(gt, detections, image_ids=image_ids, class_names=list(self.categories.names))
         out = {f"val/{k}": float(metrics.stats[k]) for k in STAT_NAMES}
         self.tracker.log_metrics(out, step=step)
+        try:
+            self._log_pictures(metrics, samples, step)
+        except Exception as err:  # a picture is not worth a run: the numbers above are logged
+            console(f"warning: the evaluation pictures of iteration {step} failed: {type(err).__name__}: {err}")
+        console(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in STAT_NAMES))
+        return out
+
+    def _log_pictures(self, metrics, samples: list[tuple], step: int) -> None:
+        """The precision-recall plot, the per-class table and the predictions picture, logged under
+        ``eval/step_<step>`` (and the picture copied to ``picture_path``)."""
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
             plot_pr_curves(metrics, str(tmp_path / "pr_curve.png"))
@@ -129,8 +139,6 @@ class Evaluator:
             if self.picture_path:  # a local copy of the latest picture (the quickstart prints its path)
                 Path(self.picture_path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(tmp_path / "val_predictions.png", self.picture_path)
-        console(f"evaluation at iteration {step}: " + " ".join(f"{k}={metrics.stats[k]:.4f}" for k in STAT_NAMES))
-        return out
 
 
 class EvaluationHook(Hook):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jobs.config import JobConfig
-from jobs.mlflow.tracking import Tracker
+from jobs.mlflow.buffered import BufferedTracker
 from jobs.train.hooks import Hook
 from pipeline.categories import CategoryMap
 
@@ -18,7 +18,7 @@ class ExportModel(Hook):
     """After training, on rank 0: log and register ``trainer.module`` with the last evaluation's AP
     (``trainer.metrics["val/AP"]``, none without an evaluation); ``model_uri`` and ``run_uri`` join the metrics."""
 
-    def __init__(self, job: JobConfig, categories: CategoryMap, tracker: Tracker, rank: int) -> None:
+    def __init__(self, job: JobConfig, categories: CategoryMap, tracker: BufferedTracker, rank: int) -> None:
         self.job, self.categories, self.tracker, self.rank = job, categories, tracker, rank
 
     def after_train(self, trainer: Trainer) -> None:

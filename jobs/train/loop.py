@@ -16,6 +16,7 @@ import torch
 
 from jobs.config import JobConfig
 from jobs.denormals import flush_denormals
+from jobs.mlflow.buffered import BufferedTracker
 from jobs.mlflow.tracking import Tracker
 from jobs.train.checkpoint import Checkpointer, load_state
 from jobs.train.evaluation import EvaluationHook, Evaluator
@@ -23,7 +24,7 @@ from jobs.train.export import ExportModel
 from jobs.train.fatal import FATAL, record_fatal, refuse_after_fatal
 from jobs.train.hooks import Hook
 from jobs.train.optim_step import OptimizerStep, running_stats
-from jobs.train.progress import MetricLogger, StepMeter
+from jobs.train.progress import MetricLogger, StepMeter, console
 from jobs.train.schedule import build_optimizer
 from jobs.train.trainer import Trainer
 from model.build import build_criterion, build_model
@@ -106,7 +107,8 @@ def train(args: WorkerArgs) -> None:
 
     criterion = build_criterion(job.model)
     categories = CategoryMap.from_dict(args.categories)
-    tracker = Tracker(job.tracking, enabled=rank == 0)
+    # metrics and plots go through a queue: an MLflow outage slows nothing and ends nothing (jobs/mlflow/buffered.py)
+    tracker = BufferedTracker(Tracker(job.tracking, enabled=rank == 0), warn=console)
     meter = StepMeter(train, args.iters_per_epoch, total_batch, enabled=rank == 0, board=args.progress_board)
     hooks = [*args.hooks, MetricLogger(meter, tracker, args.run_id, rank)]
     if job.data.val is not None:

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from jobs.config import TrainConfig
-from jobs.mlflow.tracking import Tracker
+from jobs.mlflow.buffered import BufferedTracker
 from jobs.train.hooks import Hook
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class MetricLogger(Hook):
     keeps the latest of each in ``trainer.metrics``. Starts the run (resuming ``run_id``) before training and
     marks it FAILED if training raises; its state is the run id."""
 
-    def __init__(self, meter: StepMeter, tracker: Tracker, run_id: str | None, rank: int) -> None:
+    def __init__(self, meter: StepMeter, tracker: BufferedTracker, run_id: str | None, rank: int) -> None:
         self.meter, self.tracker, self.run_id, self.rank = meter, tracker, run_id, rank
 
     def before_train(self, trainer: Trainer) -> None:
@@ -160,7 +160,7 @@ class MetricLogger(Hook):
             trainer.metrics.update(logged)
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
-        self.tracker.end("FAILED")  # a restarted worker group resumes the run (RUNNING again)
+        self.tracker.end("FAILED", timeout_s=60.0)  # a restarted worker group resumes the run (RUNNING again)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mlflow_run_id": self.run_id} if self.run_id else {}
