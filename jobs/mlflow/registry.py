@@ -143,7 +143,7 @@ def resolve_artifact_uri(model_uri: str, tracking_uri: str | None = None) -> str
         return model_uri
     client, uri = _client(tracking_uri)
     ref = model_uri[len("models:/") :].strip("/")
-    if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+    if _is_logged_model(ref):
         try:
             return str(client.get_logged_model(ref).artifact_location)
         except MlflowException as err:
@@ -153,6 +153,11 @@ def resolve_artifact_uri(model_uri: str, tracking_uri: str | None = None) -> str
         return str(client.get_model_version_download_uri(name, version))
     except MlflowException as err:
         raise RegistryError(f"registered model {name!r} has no version {version}") from err
+
+
+def _is_logged_model(ref: str) -> bool:
+    """Whether ``models:/<ref>`` names a logged model (``m-<id>``) rather than a registry version or alias."""
+    return ref.startswith("m-") and "/" not in ref and "@" not in ref
 
 
 def registered_version(client: Any, model_uri: str, uri: str) -> tuple[str, str]:
@@ -209,7 +214,7 @@ def _registered_sha256(model_uri: str, uri: str) -> str | None:
     """The ``weights_sha256`` tag of the registry version ``model_uri`` names (``None``: not a registry URI, or a
     version registered before hashes were recorded)."""
     ref = model_uri[len("models:/") :].strip("/") if model_uri.startswith("models:/") else ""
-    if not ref or (ref.startswith("m-") and "/" not in ref and "@" not in ref):
+    if not ref or _is_logged_model(ref):
         return None
     client, _ = _client(uri)
     name, version = registered_version(client, model_uri, uri)

@@ -60,12 +60,9 @@ def cluster_capacity() -> tuple[float | None, bool]:
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
     except Exception:  # not connected: nothing to check against
         return None, False
-    try:  # Ray Data's own test (a private API): is any node type allowed to grow?
-        import ray._private.state
+    try:  # Ray Data's own test (a private API): is any node type of the cluster allowed to grow?
+        from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
 
-        config = ray._private.state.state.get_cluster_config()
-        groups = config.node_group_configs if config else []
-        autoscaling = any(g.max_count == -1 or g.max_count > g.min_count for g in groups if g.resources and g.max_count)
+        return cpus, is_autoscaling_enabled()
     except Exception:  # cannot tell: do not refuse a cluster that may grow
         return cpus, True
-    return cpus, autoscaling
