@@ -17,11 +17,16 @@ the DataLoader forks its workers from an already-initialised process, inside its
 Usage (from the repository root)::
 
     PYTHONPATH=. python benchmarks/ingest.py --images 1000 5000 --workers 2
+
+``--order-cost`` also measures the Ray stream with ``StreamConfig(deterministic=False)`` (rows in task completion
+order instead of the kept order that makes each epoch the same on every run, what an exact resume needs) and
+prints what keeping the order costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -62,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unique-images", type=int, default=200, help="distinct rendered images, reused")
     parser.add_argument("--repeats", type=int, default=2, help="alternating passes per reader; best one counts")
     parser.add_argument("--object-store-mib", type=int, help="Ray object store size (default: Ray's, 30%% of RAM)")
-    parser.add_argument("--measure", choices=["ray", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--order-cost", action="store_true", help="also measure Ray without the kept row order")
+    parser.add_argument("--measure", choices=["ray", "ray-unordered", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        if args.measure == "ray":
-            print(json.dumps(_measure_ray(args.uri, args.workers, args.batch_size, args.object_store_mib)))
+        if args.measure.startswith("ray"):
+            ordered = args.measure == "ray"
+            print(json.dumps(_measure_ray(args.uri, args.workers, args.batch_size, args.object_store_mib, ordered)))
         else:
             print(json.dumps(_measure_torch(args.uri, args.workers, args.batch_size)))
         return 0
@@ -92,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         print(header, flush=True)
         for n, uri in datasets.items():
             t1, load = time.perf_counter(), os.getloadavg()[0]
-            runs: dict[str, list[dict[str, Any]]] = {"ray": [], "torch": []}
+            readers = ["ray", "torch", *(["ray-unordered"] if args.order_cost else [])]
+            runs: dict[str, list[dict[str, Any]]] = {reader: [] for reader in readers}
             for r in range(args.repeats):
-                for reader in ("ray", "torch") if r % 2 == 0 else ("torch", "ray"):
+                for reader in readers if r % 2 == 0 else readers[::-1]:
                     res = _child(reader, uri, args)
                     if res["images"] != n:
                         raise RuntimeError(f"{reader} delivered {res['images']} images, expected {n}")
                     runs[reader].append(res)
             rates = {k: [n / res["seconds"] for res in v] for k, v in runs.items()}
+            unordered = rates.pop("ray-unordered", None)
+            runs.pop("ray-unordered", None)
             peak = {k: max(v, key=lambda res: res["rss_hwm_mib"]) for k, v in runs.items()}
             ray_s, torch_s = (f"{max(rates[k]):.1f} [{'/'.join(f'{x:.0f}' for x in rates[k])}]" for k in runs)
             print(
@@ -107,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{_mem(peak['ray']):>36} {_mem(peak['torch']):>36} {time.perf_counter() - t1:>7.0f} {load:>5.1f}",
                 flush=True,
             )
+            if unordered:
+                print(
+                    f"# {n} images, Ray in completion order: {max(unordered):.1f} img/s "
+                    f"[{'/'.join(f'{x:.0f}' for x in unordered)}]; kept order / completion order: "
+                    f"{max(rates['ray']) / max(unordered):.2f}",
+                    flush=True,
+                )
     finally:
         server.stop()
     print(f"# total {time.perf_counter() - t0:.0f}s")
@@ -232,11 +249,13 @@ def _status() -> dict[str, float]:
     return {k: int(v.split()[0]) / 1024 for k, v in fields.items()}
 
 
-def _measure_ray(uri: str, workers: int, batch_size: int, object_store_mib: int | None) -> dict[str, Any]:
+def _measure_ray(
+    uri: str, workers: int, batch_size: int, object_store_mib: int | None, ordered: bool = True
+) -> dict[str, Any]:
     store = object_store_mib * 2**20 if object_store_mib else None
     ray.init(address="local", num_cpus=workers, object_store_memory=store, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    config = _stream_config()
+    config = dataclasses.replace(_stream_config(), deterministic=ordered)
     warm_up = train_dataset(ParquetSource(uri), StorageConfig(), config).limit(8 * batch_size * workers)
     for _ in iter_train_batches(warm_up, batch_size=batch_size, epoch=0):
         pass  # start the worker processes (and their imports) before the clock
@@ -247,7 +266,7 @@ def _measure_ray(uri: str, workers: int, batch_size: int, object_store_mib: int 
             n += len(images)
     seconds = time.perf_counter() - t
     ray.shutdown()
-    return {"reader": "ray", "images": n, "seconds": seconds, **memory.report()}
+    return {"reader": "ray" if ordered else "ray-unordered", "images": n, "seconds": seconds, **memory.report()}
 
 
 def _measure_torch(uri: str, workers: int, batch_size: int) -> dict[str, Any]:

@@ -93,11 +93,14 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """``name`` + ``storage_path`` identify a job: starting it again with both unchanged resumes it."""
+    """``name`` + ``storage_path`` identify a job: starting it again with both unchanged resumes it.
+    ``resume_rescale``: allow that resume to change ``scaling.num_workers`` or ``data.batch_size`` (the LR is
+    rescaled to the new total batch: :mod:`jobs.train.rescale`); refused otherwise."""
 
     name: str = "dhrcnn"
     storage_path: str = "./dhrcnn_runs"
     max_failures: int = 2
+    resume_rescale: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ tensor ``[h, w, 3]``, ``boxes`` list<float32> (flattened xyxy in resized pixels)
 ``orig_width``/``orig_height`` int32, ``scale_x``/``scale_y`` float64, ``flipped`` bool, and for evaluation
 ``iscrowd`` list<bool>. Training drops crowd boxes (never positives); evaluation keeps them.
 
-Epochs. Each pass over a dataset (``iter_batches`` on it, or on a Ray Train shard of it) is a new Ray Data
-execution. Training randomness is keyed on that execution index, the same one Ray's own
-``FileShuffleConfig(reseed_after_execution=True)`` and ``random()`` expression use: the Parquet file order is
-shuffled per execution, and each image's scale and flip come from ``image_rng(seed, execution, image_id)``.
-There is no global shuffle; :func:`iter_train_batches` adds a seeded shuffle buffer and aspect-ratio
-grouping on the consuming worker. To resume mid-run with fresh randomness, build the dataset with a seed
-derived from the start epoch.
+Epochs. Training builds one dataset per epoch (:func:`train_dataset` with ``epoch=``), and everything random in it
+is drawn from ``(seed, epoch)`` alone: the Parquet file order (COCO: block order) from ``epoch_seed(seed,
+epoch)``, each image's scale and flip from ``image_rng(seed, epoch, image_id)``. With ``deterministic`` (the
+default) Ray Data keeps the output order (``preserve_order``), so ``streaming_split(n, equal=True)`` hands every
+shard the same rows in the same order each time the epoch is built: a new driver, a restarted worker group or
+a resumed job sees exactly the epoch an uninterrupted run saw. There is no global shuffle;
+:func:`iter_train_batches` adds a seeded shuffle buffer and aspect-ratio grouping on the consuming worker.
 """
 
 from __future__ import annotations
@@ -91,13 +91,14 @@ class StreamConfig:
 
     Attributes:
         augment: resize and flip settings (evaluation uses ``augment.resize`` without flip).
-        seed: base seed of the per-execution file shuffle and per-image augmentation.
+        seed: base seed of the per-epoch file shuffle and per-image augmentation.
         rows_per_task: rows per ``map_batches`` call (decode + transform); also the block size of a COCO source.
-        shuffle_files: shuffle Parquet files / COCO blocks per execution (training only).
+        shuffle_files: shuffle Parquet files / COCO blocks per epoch (training only).
         drop_images_without_boxes: training only: skip images with no non-crowd box (detectron2 default).
         fetch_threads: concurrent image GETs per task for a :class:`CocoSource`.
-        deterministic: keep Ray Data's output order fixed (``preserve_order``), so that a seed reproduces the
-            row order too, not only each image's scale and flip; costs some throughput.
+        deterministic: training: keep Ray Data's output order fixed (``preserve_order``), so that ``(seed,
+            epoch)`` fixes the row order and each shard's rows too, not only each image's scale and flip; what an
+            exact resume needs. ``False`` trades that for throughput (rows leave in task completion order).
     """
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -106,7 +107,7 @@ class StreamConfig:
     shuffle_files: bool = True
     drop_images_without_boxes: bool = False
     fetch_threads: int = 8
-    deterministic: bool = False
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.rows_per_task < 1:
@@ -126,16 +127,24 @@ class IncompleteDatasetError(DatasetError):
 
 
 def train_dataset(
-    source: Source, storage: StorageConfig | None = None, config: StreamConfig | None = None
+    source: Source, storage: StorageConfig | None = None, config: StreamConfig | None = None, *, epoch: int = 0
 ) -> ray.data.Dataset:
-    """The training stream: shuffled per execution, multi-scale resize and random flip, crowd boxes removed.
+    """Epoch ``epoch`` of the training stream: files in an order drawn from ``(config.seed, epoch)``, multi-scale
+    resize and random flip from ``image_rng(config.seed, epoch, image_id)``, crowd boxes removed. Build one per
+    epoch: the dataset does not change between its executions.
 
     ``storage``: how to reach ``s3://`` sources (``None``: the AWS variables of each process); it travels to
     the Ray tasks without its credentials, which the workers take from their own environment.
     """
     config = config or StreamConfig()
     storage = storage or StorageConfig()
-    return _transformed(_read(source, storage, config, shuffle=config.shuffle_files), config, train=True)
+    shuffle_seed = epoch_seed(config.seed, epoch) if config.shuffle_files else None
+    return _transformed(_read(source, storage, config, shuffle_seed=shuffle_seed), config, epoch=epoch)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s file (or block) order: a function of ``(seed, epoch)`` only."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(epoch) % 2**63]).generate_state(1)[0])
 
 
 def eval_dataset(
@@ -145,7 +154,7 @@ def eval_dataset(
     (with an ``iscrowd`` column) so that predictions can be scored and mapped back to original pixels."""
     config = config or StreamConfig()
     storage = storage or StorageConfig()
-    return _transformed(_read(source, storage, config, shuffle=False), config, train=False)
+    return _transformed(_read(source, storage, config, shuffle_seed=None), config, epoch=None)
 
 
 def iter_train_batches(
@@ -223,31 +232,31 @@ def _grouped(samples: Iterable[Sample], batch_size: int, drop_last: bool) -> Ite
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _transformed(ds: ray.data.Dataset, config: StreamConfig, *, train: bool) -> ray.data.Dataset:
+def _transformed(ds: ray.data.Dataset, config: StreamConfig, *, epoch: int | None) -> ray.data.Dataset:
+    """Decode and transform in ``map_batches`` tasks: training augmentation of ``epoch``, or evaluation (``None``)."""
     out = ds.map_batches(
         _transform_batch,
         batch_size=config.rows_per_task,
         batch_format="pyarrow",
         num_cpus=1,  # whole CPUs: fractional ones oversubscribe small machines and starve the consumers
-        fn_kwargs={"train": train, "config": config},
+        fn_kwargs={"config": config, "epoch": epoch},
     )
-    if config.deterministic:
+    if epoch is not None and config.deterministic:
         out.context.execution_options.preserve_order = True  # this dataset's own context, not the global one
     return out
 
 
-def _read(source: Source, storage: StorageConfig, config: StreamConfig, *, shuffle: bool) -> ray.data.Dataset:
+def _read(
+    source: Source, storage: StorageConfig, config: StreamConfig, *, shuffle_seed: int | None
+) -> ray.data.Dataset:
     if isinstance(source, ParquetSource):
         filesystem, paths = _manifest_shards(source.uri, storage)
+        shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
         with _parquet_reader_v1():
-            ds = ray.data.read_parquet(
-                paths,
-                filesystem=filesystem,
-                shuffle=FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if shuffle else None,
-            )
+            ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
         return ds.select_columns(_INPUT_COLUMNS)
     if isinstance(source, CocoSource):
-        return _read_coco(source, storage, config, shuffle=shuffle)
+        return _read_coco(source, storage, config, shuffle_seed=shuffle_seed)
     raise TypeError(f"source: expected ParquetSource or CocoSource, got {type(source).__name__}")
 
 
@@ -262,7 +271,7 @@ def _parquet_reader_v1() -> Iterator[None]:
     the manifest, so that pool is pure start-up cost: reading a 2-shard dataset for 3 epochs on the 2-core
     machine took 9.3 s (V2) vs 1.9 s (V1), and 93 s vs 19 s beside two busy processes, where the actor churn
     (hundreds of worker processes started and cancelled during one training test) stalled whole test runs.
-    V1 reshuffles the files per execution with the same ``FileShuffleConfig`` seed rule.
+    V1 shuffles the files with the same ``FileShuffleConfig``.
     """
     context = DataContext.get_current()
     previous = context.use_datasource_v2
@@ -288,14 +297,16 @@ def _manifest_shards(uri: str, storage: StorageConfig) -> tuple[Any, list[str]]:
     return filesystem, [resolve(u, storage)[1] for u in shard_uris]
 
 
-def _read_coco(source: CocoSource, storage: StorageConfig, config: StreamConfig, *, shuffle: bool) -> ray.data.Dataset:
+def _read_coco(
+    source: CocoSource, storage: StorageConfig, config: StreamConfig, *, shuffle_seed: int | None
+) -> ray.data.Dataset:
     """Records on the driver (annotations only), in blocks of ``rows_per_task``; bytes fetched in tasks."""
     table = records_to_table(load_coco(source.annotations_uri, storage).records)
     n_blocks = max(1, math.ceil(table.num_rows / config.rows_per_task))
     bounds = np.linspace(0, table.num_rows, n_blocks + 1).astype(int)
     ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])
-    if shuffle:
-        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+    if shuffle_seed is not None:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=False))
     return ds.map_batches(
         _fetch_images,
         batch_size=config.rows_per_task,
@@ -319,9 +330,9 @@ def _fetch_images(table: pa.Table, *, images_uri: str, storage: StorageConfig, t
 # --------------------------------------------------------------------------------------------- transform
 
 
-def _transform_batch(table: pa.Table, *, train: bool, config: StreamConfig) -> pa.Table:
-    """The ``map_batches`` UDF: :func:`transform_table` keyed on the current execution (epoch)."""
-    return transform_table(table, train=train, config=config, epoch=_execution_index() if train else 0)
+def _transform_batch(table: pa.Table, *, config: StreamConfig, epoch: int | None) -> pa.Table:
+    """The ``map_batches`` UDF: :func:`transform_table` for training epoch ``epoch`` (``None``: evaluation)."""
+    return transform_table(table, train=epoch is not None, config=config, epoch=epoch or 0)
 
 
 def transform_table(table: pa.Table, *, train: bool, config: StreamConfig, epoch: int = 0) -> pa.Table:
@@ -380,12 +391,6 @@ def transform_table(table: pa.Table, *, train: bool, config: StreamConfig, epoch
     if not train:
         columns["iscrowd"] = _list_array(kept_crowd, pa.bool_())
     return pa.table(columns, schema=schema)
-
-
-def _execution_index() -> int:
-    """Index of the current Ray Data execution of this dataset (0, 1, ... per full pass), read from the
-    DataContext that Ray ships with every task: the key of the per-epoch augmentation seeds."""
-    return int(DataContext.get_current()._execution_idx)
 
 
 def _ragged(table: pa.Table, name: str, dtype: type) -> list[np.ndarray]:

@@ -101,3 +101,25 @@ def test_a_run_directory_refuses_another_job_and_records_a_finished_one(tmp_path
     record_result(run_dir, storage, 12, {"metrics": {"val/AP": 0.4}, "checkpoint_path": None, "run_id": "r1"})
     assert finished_result(run_dir, storage, epochs=12)["metrics"] == {"val/AP": 0.4}
     assert finished_result(run_dir, storage, epochs=24) is None, "more epochs: the job trains on"
+
+
+def test_a_resume_with_another_data_layout_needs_the_rescale_asked_for(tmp_path):
+    import json
+
+    from jobs.train.identity import IDENTITY_FILE, JobIdentityError, check_identity
+    from pipeline.storage import StorageConfig
+
+    run_dir, storage = str(tmp_path / "runs" / "dh"), StorageConfig()
+    assert check_identity(run_dir, storage, _job(workers=2, batch=2), "fp-1") is None
+    with pytest.raises(
+        JobIdentityError, match=r"scaling.num_workers: '2' -> '4'.*run.resume_rescale=true.*num_workers=2"
+    ):
+        check_identity(run_dir, storage, _job(workers=4, batch=2), "fp-1")
+    rescale = resolve_job_config({**_job(workers=4, batch=2).to_dict(), "run": {"resume_rescale": True}})
+    assert check_identity(run_dir, storage, rescale, "fp-1") == "scaling.num_workers: 2 -> 4"
+    recorded = json.loads((tmp_path / "runs" / "dh" / IDENTITY_FILE).read_text())
+    assert recorded["config"]["scaling.num_workers"] == "4", "the new layout is the job's from now on"
+    assert check_identity(run_dir, storage, _job(workers=4, batch=2), "fp-1") is None
+    other_lr = resolve_job_config({**rescale.to_dict(), "train": {**rescale.to_dict()["train"], "base_lr": 0.01}})
+    with pytest.raises(JobIdentityError, match="holds another job"):  # the rescale allows the layout only
+        check_identity(run_dir, storage, other_lr, "fp-1")

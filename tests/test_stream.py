@@ -181,71 +181,97 @@ def test_eval_stream_carries_ids_scales_and_crowd(mixed: tuple, source_kind: str
     assert sorted(seen) == sorted(records)
 
 
-def _epoch_log(uri: str, config: StreamConfig, epochs: int) -> list[list[tuple[int, bool, int]]]:
-    """Per epoch: ``(image_id, flipped, resized height)`` in delivery order, from one dataset object."""
-    ds = train_dataset(ParquetSource(uri), StorageConfig(), config)
+def _epoch_log(uri: str, config: StreamConfig, epochs: range | list[int]) -> list[list[tuple[int, bool, int]]]:
+    """Per epoch: ``(image_id, flipped, resized height)`` in delivery order, each epoch's dataset built anew."""
     return [
         [(int(t["image_id"]), bool(t["flipped"]), int(img.shape[1]))
-         for images, targets in iter_train_batches(ds, batch_size=2, epoch=e, seed=config.seed)
+         for images, targets in iter_train_batches(train_dataset(ParquetSource(uri), StorageConfig(), config, epoch=e),
+                                                   batch_size=2, epoch=e, seed=config.seed)
          for img, t in zip(images, targets, strict=True)]
-        for e in range(epochs)
+        for e in epochs
     ]  # fmt: skip
 
 
 @pytest.mark.timeout(120)
 def test_seeded_shuffle_is_reproducible_and_differs_between_epochs(mixed: tuple) -> None:
     uri = mixed[2]
-    config = StreamConfig(augment=AugmentConfig(resize=SMALL), seed=11, rows_per_task=2, deterministic=True)
-    first, again = _epoch_log(uri, config, 2), _epoch_log(uri, config, 2)
+    config = StreamConfig(augment=AugmentConfig(resize=SMALL), seed=11, rows_per_task=2)
+    first, again = _epoch_log(uri, config, range(2)), _epoch_log(uri, config, range(2))
     assert first == again  # same seed: same order, same scales, same flips
     assert sorted(first[0]) != sorted(first[1])  # per-image augmentation changes with the epoch
     assert [i for i, _, _ in first[0]] != [i for i, _, _ in first[1]]  # so does the order
-    other = _epoch_log(uri, StreamConfig(augment=AugmentConfig(resize=SMALL), seed=12, deterministic=True), 1)
+    other = _epoch_log(uri, StreamConfig(augment=AugmentConfig(resize=SMALL), seed=12), range(1))
     assert other[0] != first[0]
 
 
 @pytest.mark.timeout(120)
+def test_an_epoch_depends_on_the_epoch_not_on_how_many_ran_before(mixed: tuple) -> None:
+    """A resumed driver builds epoch 1 first: it must be epoch 1 of an uninterrupted run (order, scales, flips),
+    not that run's epoch 0 (the key was once Ray Data's execution counter, 0 in every new driver)."""
+    uri = mixed[2]
+    config = StreamConfig(augment=AugmentConfig(resize=SMALL), seed=11, rows_per_task=2)
+    uninterrupted = _epoch_log(uri, config, range(2))
+    resumed = _epoch_log(uri, config, [1])
+    assert resumed[0] == uninterrupted[1]
+    ds = train_dataset(ParquetSource(uri), StorageConfig(), config, epoch=1)
+    twice = [
+        [int(t["image_id"]) for _, ts in iter_train_batches(ds, batch_size=2, epoch=1, seed=11) for t in ts]
+        for _ in "ab"
+    ]
+    assert twice[0] == twice[1] == [i for i, _, _ in uninterrupted[1]]  # a dataset is one epoch, however often read
+
+
+@pytest.mark.timeout(120)
 def test_parquet_epochs_start_no_footer_reader_actors(mixed: tuple) -> None:
-    """Each epoch of a V2 ``read_parquet`` starts a pool of ``FooterReader`` actors (a worker process each); on
+    """Each execution of a V2 ``read_parquet`` starts a pool of ``FooterReader`` actors (a worker process each); on
     small machines that churn stalled whole training runs, so the stream plans its reads with the V1 reader."""
     import ray
     from ray.data import DataContext
 
     before = DataContext.get_current().use_datasource_v2
-    ds = train_dataset(ParquetSource(mixed[2]), StorageConfig(), CONFIG)
     for epoch in range(2):
+        ds = train_dataset(ParquetSource(mixed[2]), StorageConfig(), CONFIG, epoch=epoch)
         assert list(iter_train_batches(ds, batch_size=2, epoch=epoch, seed=0))
-    assert "ReadParquet" in ds.stats() and "ListFiles" not in ds.stats()
+        assert "ReadParquet" in ds.stats() and "ListFiles" not in ds.stats()
     classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}  # alive and dead
     assert "FooterReader" not in classes
     assert DataContext.get_current().use_datasource_v2 == before, "the setting is scoped to planning the read"
 
 
-@pytest.mark.timeout(120)
-def test_two_train_shards_cover_every_image_once_per_epoch(synth_parquet: tuple) -> None:
-    """As Ray Train does: ``streaming_split(2, equal=True)``, one iterator per worker, consumed concurrently."""
-    uri, records = synth_parquet
-    assert len(records) % 2 == 0  # equal=True drops the remainder rows of an odd count
-    shards = train_dataset(ParquetSource(uri), StorageConfig(), CONFIG).streaming_split(2, equal=True)
-    logs: dict[int, list[list[tuple[int, bool]]]] = {0: [], 1: []}
+def _split_logs(uri: str, epoch: int, config: StreamConfig = CONFIG) -> dict[int, list[tuple[int, bool]]]:
+    """As the training job does: epoch ``epoch`` split ``streaming_split(2, equal=True)``, one thread per rank
+    consuming its shard concurrently; ``{rank: [(image_id, flipped), ...]}`` in delivery order."""
+    shards = train_dataset(ParquetSource(uri), StorageConfig(), config, epoch=epoch).streaming_split(2, equal=True)
+    logs: dict[int, list[tuple[int, bool]]] = {}
 
     def worker(rank: int) -> None:
-        for epoch in range(2):
-            batches = iter_train_batches(shards[rank], batch_size=2, epoch=epoch, seed=rank)
-            logs[rank].append([(int(t["image_id"]), bool(t["flipped"])) for _, ts in batches for t in ts])
+        batches = iter_train_batches(shards[rank], batch_size=2, epoch=epoch, seed=rank)
+        logs[rank] = [(int(t["image_id"]), bool(t["flipped"])) for _, ts in batches for t in ts]
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(timeout=100)
-    assert all(len(logs[r]) == 2 for r in (0, 1)), "a shard did not finish both epochs"
-    for epoch in range(2):
-        counts = Counter(i for r in (0, 1) for i, _ in logs[r][epoch])
+    assert sorted(logs) == [0, 1], "a shard did not finish its epoch"
+    return logs
+
+
+@pytest.mark.timeout(180)
+def test_two_train_shards_cover_every_image_once_and_the_same_each_time(synth_parquet: tuple) -> None:
+    """Every image once per epoch across the ranks, and each rank's shard (rows and order) the same every time
+    the epoch is split: what lets a restarted worker group continue its epoch where it stopped."""
+    uri, records = synth_parquet
+    assert len(records) % 2 == 0  # equal=True drops the remainder rows of an odd count
+    epochs = [_split_logs(uri, epoch) for epoch in range(2)]
+    for epoch, logs in enumerate(epochs):
+        counts = Counter(i for r in (0, 1) for i, _ in logs[r])
         assert counts == Counter(list(records)), f"epoch {epoch}: not every image exactly once"
-        assert logs[0][epoch] and logs[1][epoch]
-    flips = [{i: f for r in (0, 1) for i, f in logs[r][e]} for e in range(2)]
+        assert logs[0] and logs[1]
+    flips = [{i: f for r in (0, 1) for i, f in logs[r]} for logs in epochs]
     assert flips[0] != flips[1]
+    config = dataclasses.replace(CONFIG, rows_per_task=1)  # more, smaller blocks for the splitter to deal
+    assert _split_logs(uri, 1, config) == _split_logs(uri, 1, config)
 
 
 @pytest.mark.timeout(60)

@@ -18,6 +18,7 @@ from jobs.train.preflight import PreflightError
 from jobs.train.schedule import lr_factor, scaled_lr
 from tests.train_hooks import (
     NonFiniteImages,
+    RecordBatches,
     RecordWeights,
     StopForKill,
     kill_when_checkpointed,
@@ -142,15 +143,20 @@ def test_consecutive_nans_stop_the_job_once_and_keep_the_checkpoint(dataset, tmp
 
 @pytest.mark.slow
 def test_killed_worker_is_replaced_and_resumes_from_its_checkpoint_exactly(dataset, tmp_path):
-    """Two workers; rank 0 is SIGKILLed before its 6th step, after the checkpoint of iteration 4. The new worker
-    group starts from exactly the weights of that checkpoint, logs into the same MLflow run, and its LR schedule
-    continues where the checkpoint left it."""
-    raw = make_job(dataset, tmp_path, "faulty", epochs=2, seed=7).to_dict()
-    scaling = {"num_workers": 2, "cpus_per_worker": 0.5}
-    job = resolve_job_config({**raw, "scaling": scaling, "run": {**raw["run"], "max_failures": 1}})
+    """Two workers; rank 0 is SIGKILLed before its 6th step (mid-epoch 2), after the checkpoint of iteration 4. The
+    new worker group starts from exactly the weights of that checkpoint, logs into the same MLflow run, its LR
+    schedule continues where the checkpoint left it, every rank trains on the batches an uninterrupted run trains
+    on (the interrupted epoch's images included), and the run ends with that run's weights, bit for bit."""
+
+    def two_workers(name: str) -> JobConfig:
+        raw = make_job(dataset, tmp_path, name, epochs=2, seed=7).to_dict()
+        scaling = {"num_workers": 2, "cpus_per_worker": 0.5}
+        return resolve_job_config({**raw, "scaling": scaling, "run": {**raw["run"], "max_failures": 1}})
+
+    job = two_workers("faulty")
     stop, killer = killed_at(5, tmp_path, tmp_path / "runs" / "faulty", after_checkpoint=4)
-    record = tmp_path / "weights.jsonl"
-    got = run_training(job, hooks=[stop, RecordWeights(record)])
+    record, batches = tmp_path / "weights.jsonl", tmp_path / "batches.jsonl"
+    got = run_training(job, hooks=[stop, RecordWeights(record), RecordBatches(batches)])
     killer.join(timeout=5)
 
     client, runs = mlflow_runs(job)
@@ -170,6 +176,17 @@ def test_killed_worker_is_replaced_and_resumes_from_its_checkpoint_exactly(datas
     for m in history:  # the scheduler continues where the checkpoint left it
         assert m.value == pytest.approx(base * lr_factor(m.step, job.train, iters_per_epoch), rel=1e-6), m.step
     assert 0.0 <= got.metrics["val/AP"] <= 1.0
+
+    clean_record, clean_batches = tmp_path / "clean-weights.jsonl", tmp_path / "clean-batches.jsonl"
+    run_training(two_workers("clean"), hooks=[RecordWeights(clean_record), RecordBatches(clean_batches)])
+    trained = {(r["rank"], r["iteration"]): r["images"] for r in read_records(batches)}  # a redone step: its last
+    clean = {(r["rank"], r["iteration"]): r["images"] for r in read_records(clean_batches)}
+    assert len(read_records(batches)) == len(clean) + 2, "the killed group's 5th step is redone on both ranks"
+    assert trained == clean, "every rank trains on the batches of an uninterrupted run"
+    interrupted = [i for (_, it), ids in trained.items() if it > iters_per_epoch for i in ids]
+    assert sorted(interrupted) == sorted(i for (_, it), ids in clean.items() if it > iters_per_epoch for i in ids)
+    final = [r["digest"] for r in read_records(record) if r["event"] == "step"][-1]
+    assert final == [r["digest"] for r in read_records(clean_record) if r["event"] == "step"][-1]
 
 
 def test_a_class_mismatch_is_refused_before_any_worker_starts(dataset, tmp_path):

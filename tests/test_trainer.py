@@ -205,3 +205,94 @@ def test_a_fatal_error_is_refused_for_the_rest_of_its_attempt(tmp_path):
     with pytest.raises(FatalError, match=r"not retried: NonFiniteLossError: 2 consecutive steps.*start the job again"):
         refuse_after_fatal(run_dir, storage, "a1")
     refuse_after_fatal(run_dir, storage, "a2")  # the job started again: a new attempt goes ahead
+
+
+def _rng_worker(rank: int, path: str, init_file: str) -> None:
+    """One of two gloo ranks: each draws from its own torch stream, checkpoints every rank's RNG through rank 0,
+    draws on, then restores from the file: its next draw must repeat the one after the checkpoint."""
+    import torch.distributed as dist
+
+    from jobs.train.trainer import gather_rng_states
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    trainer = make_trainer()
+    torch.manual_seed(100 + rank)
+    torch.rand(3)
+    rngs = gather_rng_states()  # every rank calls it, as the Checkpointer does
+    if rank == 0:
+        torch.save(trainer.state_dict(rngs), path)
+    expected = torch.rand(5)
+    torch.rand(7)  # drawn on, as a run that later fails
+    dist.barrier()
+    trainer.load_state_dict(torch.load(path, weights_only=True))
+    assert trainer.rng_restored
+    torch.save(torch.stack([expected, torch.rand(5)]), f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_its_own_random_stream(tmp_path):
+    path = str(tmp_path / "state.pt")
+    torch.multiprocessing.spawn(_rng_worker, args=(path, str(tmp_path / "init")), nprocs=2)
+    draws = [torch.load(f"{path}.{rank}", weights_only=True) for rank in (0, 1)]
+    for rank, (expected, resumed) in enumerate(draws):
+        assert torch.equal(expected, resumed), f"rank {rank} did not get its own RNG back"
+    assert not torch.equal(draws[0][0], draws[1][0]), "the ranks draw from different streams"
+    state = torch.load(path, weights_only=True)
+    assert len(state["rng"]) == 2
+    single = make_trainer()
+    single.load_state_dict({**state, "rng": state["rng"][:1]})
+    assert single.rng_restored  # rank 0 of a single process
+    assert len(make_trainer().state_dict()["rng"]) == 1
+
+
+def test_a_resume_with_another_layout_rescales_the_lr_at_the_same_point_of_the_epoch():
+    from jobs.config import TrainConfig
+    from jobs.train.rescale import rescaled
+    from jobs.train.schedule import build_optimizer, lr_factor, scaled_lr
+
+    cfg = TrainConfig(epochs=4, base_lr=0.02, base_batch_size=16, warmup_iters=2, steps=(2,))
+    old, new = (
+        {"world_size": 2, "batch_size": 2, "iters_per_epoch": 6},
+        {"world_size": 4, "batch_size": 2, "iters_per_epoch": 3},
+    )
+
+    def optim_step(total: int, iters: int) -> OptimizerStep:
+        model = nn.Linear(2, 1)
+        optimizer, scheduler = build_optimizer(model, cfg, total, iters)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        return OptimizerStep(list(model.parameters()), optimizer, scheduler, scaler, clip_norm=None, max_consecutive=3)
+
+    before = optim_step(4, 6)
+    for _ in range(10):  # epoch 1, batch 4 of 6
+        before.begin()
+        before.step(before.params[0].sum() ** 2)
+    state = {"progress": {"epoch": 1, "iteration": 10, "batch_in_epoch": 4}, "optim_step": before.state_dict()}
+    moved = rescaled(state, old, new, cfg)
+    assert moved["progress"] == {"epoch": 1, "iteration": 5, "batch_in_epoch": 2}  # 4/6 of epoch 1 -> 2/3
+    assert state["progress"]["iteration"] == 10, "the checkpoint's state is left as it was"
+    after = optim_step(8, 3)
+    after.load_state_dict(moved["optim_step"])
+    assert after.lr == pytest.approx(scaled_lr(cfg, 8) * lr_factor(5, cfg, 3))
+    after.begin()
+    after.step(after.params[0].sum() ** 2)
+    assert after.lr == pytest.approx(scaled_lr(cfg, 8) * lr_factor(6, cfg, 3)) == pytest.approx(0.01 * 0.1)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_unless_the_job_asks_for_the_rescale():
+    from jobs.config import resolve_job_config
+    from jobs.train.loop import resumable
+
+    raw = {"model": {"preset": "tiny", "num_classes": 3}, "data": {"train": {"parquet": "/d"}}}
+    job = resolve_job_config(raw)
+    old, new = (
+        {"world_size": 2, "batch_size": 2, "iters_per_epoch": 6},
+        {"world_size": 1, "batch_size": 2, "iters_per_epoch": 12},
+    )
+    state = {"layout": old, "progress": {"epoch": 0, "iteration": 3, "batch_in_epoch": 3}}
+    assert resumable(state, old, job, rank=0) is state
+    with pytest.raises(ValueError, match=r"run.resume_rescale=true"):
+        resumable(state, new, job, rank=0)
+    allowed = resolve_job_config({**raw, "run": {"resume_rescale": True}})
+    assert resumable({**state, "optim_step": make_trainer().optim_step.state_dict()}, new, allowed, rank=1)[
+        "progress"
+    ] == {"epoch": 0, "iteration": 6, "batch_in_epoch": 6}

@@ -87,6 +87,25 @@ class RecordWeights(Hook):
             f.write(json.dumps(line) + "\n")
 
 
+class RecordBatches(Hook):
+    """Every rank appends ``{"rank", "epoch", "iteration", "images"}`` to ``path`` after each step: the image ids
+    of the batch that step trained on (``iteration`` counts the steps done, this one included)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def after_step(self, trainer) -> None:
+        _, targets = trainer.batch
+        line = {
+            "rank": _rank(),
+            "epoch": trainer.progress.epoch,
+            "iteration": trainer.progress.iteration,
+            "images": [int(t["image_id"]) for t in targets],
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def read_records(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 

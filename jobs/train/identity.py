@@ -6,6 +6,8 @@ its weights, optimizer, iteration and MLflow run. So the directory records what 
 and a job that does not match is refused instead of silently continuing another job's run. What may change on a
 resume (:data:`MAY_CHANGE`): the number of epochs (to train further), logging, evaluation and checkpoint cadence,
 retries, resources per worker, dataset locations (their content is the fingerprint), storage and tracking settings.
+The data layout (:data:`LAYOUT`: workers and images per worker) changes only when the job asks for it
+(``run.resume_rescale``, :mod:`jobs.train.rescale`); the identity then records the new layout.
 
 A job that ended records its result (:data:`RESULT_FILE`); starting it again with no more epochs returns that result
 instead of reopening its MLflow run.
@@ -41,8 +43,10 @@ MAY_CHANGE: tuple[str, ...] = (
     "scaling.gpus_per_worker",
     "run.storage_path",
     "run.max_failures",
+    "run.resume_rescale",
     "tracking",
 )
+LAYOUT: tuple[str, ...] = ("scaling.num_workers", "data.batch_size")
 
 
 class JobIdentityError(ValueError):
@@ -57,24 +61,37 @@ def identity(job: JobConfig, fingerprint: str) -> dict[str, Any]:
     return {"config_hash": digest, "fingerprint": fingerprint, "config": keys}
 
 
-def check_identity(run_dir: str, storage: StorageConfig, job: JobConfig, fingerprint: str) -> None:
+def check_identity(run_dir: str, storage: StorageConfig, job: JobConfig, fingerprint: str) -> str | None:
     """Record ``job``'s identity in a new ``run_dir``; in an existing one, raise :class:`JobIdentityError` unless it
-    matches. A run directory from before identities were recorded is adopted."""
+    matches. A run directory from before identities were recorded is adopted. A change of :data:`LAYOUT` alone
+    passes when ``job.run.resume_rescale`` allows it: the new identity is recorded and a note returned."""
     path = join(run_dir, IDENTITY_FILE)
     mine = identity(job, fingerprint)
     if not exists(path, storage):
-        write_bytes(path, json.dumps(mine, indent=1, sort_keys=True, default=str).encode(), storage)
-        return
+        _write(path, storage, mine)
+        return None
     theirs = json.loads(read_bytes(path, storage))
     if theirs["config_hash"] == mine["config_hash"]:
-        return
+        return None
     changed = sorted(
         k for k in set(mine["config"]) | set(theirs["config"]) if mine["config"].get(k) != theirs["config"].get(k)
     )
+    same_job = theirs["fingerprint"] == mine["fingerprint"] and changed and set(changed) <= set(LAYOUT)
+    if same_job and job.run.resume_rescale:
+        _write(path, storage, mine)
+        return ", ".join(f"{k}: {theirs['config'].get(k)} -> {mine['config'].get(k)}" for k in changed)
     shown = ", ".join(f"{k}: {theirs['config'].get(k)!r} -> {mine['config'].get(k)!r}" for k in changed[:6])
     if theirs["fingerprint"] != mine["fingerprint"]:
         shown = ", ".join(
             filter(None, [f"training set {theirs['fingerprint'][:12]} -> {mine['fingerprint'][:12]}", shown])
+        )
+    if same_job:
+        raise JobIdentityError(
+            f"{run_dir}: resuming with another data layout ({shown}) changes the total batch and the iterations per "
+            "epoch, so the run would no longer follow its LR schedule. To resume with it anyway, the LR rescaled "
+            "by the linear scaling rule, add run.resume_rescale=true; to resume as it was, keep "
+            + " and ".join(f"{k}={theirs['config'].get(k)}" for k in changed)
+            + "; to start a new run, give it another run.name."
         )
     raise JobIdentityError(
         f"{run_dir} holds another job (config {theirs['config_hash'][:12]}, this one {mine['config_hash'][:12]}): "
@@ -82,6 +99,10 @@ def check_identity(run_dir: str, storage: StorageConfig, job: JobConfig, fingerp
         "optimizer and MLflow run. To start a new run, give it another run.name (or run.storage_path); to resume "
         f"that job, use its resolved config ({join(run_dir, 'config.yaml')})."
     )
+
+
+def _write(path: str, storage: StorageConfig, ident: dict[str, Any]) -> None:
+    write_bytes(path, json.dumps(ident, indent=1, sort_keys=True, default=str).encode(), storage)
 
 
 def finished_result(run_dir: str, storage: StorageConfig, epochs: int) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ from jobs.train.identity import check_identity, finished_result, record_result
 from jobs.train.loop import WorkerArgs, num_iters_per_epoch, train_worker
 from jobs.train.preflight import cluster_capacity, preflight
 from jobs.train.progress import ProgressBoard
+from jobs.train.shards import epoch_shards
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
 from pipeline.stream import StreamConfig, eval_dataset, train_dataset
 
@@ -44,9 +45,10 @@ class TrainResult:
     run_id: str
 
 
-class SplitDataConfig(DataConfig):
-    """``train`` split equally (DDP needs the same step count on every rank); ``val`` split unequally so
-    that every evaluation image is scored exactly once (``equal=True`` would drop the remainder)."""
+class ValDataConfig(DataConfig):
+    """``val`` split unequally so that every evaluation image is scored exactly once (``equal=True`` would drop
+    the remainder). The training stream does not go through Ray Train: each epoch is built and split by an
+    :class:`~jobs.train.shards.EpochShards` actor, so that it depends on the epoch alone."""
 
     def __init__(self) -> None:
         # The driver's DataContext options, passed explicitly: Ray Train's default copies them, the deprecated
@@ -57,11 +59,10 @@ class SplitDataConfig(DataConfig):
             preserve_order=current.preserve_order,
             verbose_progress=current.verbose_progress,
         )
-        super().__init__(datasets_to_split=["train"], execution_options=options)
+        super().__init__(datasets_to_split=[], execution_options=options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        train_only = {k: v for k, v in datasets.items() if k != "val"}
-        output = super().configure(train_only, world_size, worker_handles, worker_node_ids, **kwargs)
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
         if "val" in datasets:
             val = datasets["val"].copy(datasets["val"])
             val.context.execution_options = self._resolve_execution_options("val")
@@ -93,12 +94,15 @@ def run_training(
     cpus, autoscaling = cluster_capacity()
     preflight(job, train_info, val_info, cluster_cpus=cpus, autoscaling=autoscaling)
     stream = StreamConfig(augment=job.data.augment, seed=job.train.seed, rows_per_task=job.data.rows_per_task)
-    datasets = {"train": train_dataset(source_of(job.data.train), storage, stream)}
+    train_dataset(source_of(job.data.train), storage, stream)  # refuses an incomplete dataset before any worker
+    datasets = {}
     if job.data.val is not None:
         datasets["val"] = eval_dataset(source_of(job.data.val), storage, stream)
 
     run_dir = join(job.run.storage_path, job.run.name)
-    check_identity(run_dir, storage, job, train_info.fingerprint)
+    note = check_identity(run_dir, storage, job, train_info.fingerprint)
+    if note is not None:
+        print(f"{job.run.name}: resuming with another data layout ({note}), the LR rescaled", flush=True)
     done = finished_result(run_dir, storage, job.train.epochs)
     if done is not None:
         print(
@@ -112,6 +116,7 @@ def run_training(
     run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint, parent_run_id=parent_run_id)
     iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
     board = ProgressBoard.remote() if console is not None else None
+    shards = epoch_shards(source_of(job.data.train), storage, stream, job.scaling.num_workers)
     args = WorkerArgs(
         job=job,
         run_id=run_id,
@@ -124,6 +129,7 @@ def run_training(
         hooks=tuple(hooks),
         run_dir=run_dir if run_dir.startswith("s3://") else os.path.abspath(run_dir),
         attempt=uuid.uuid4().hex,
+        train_shards=shards,
     )
     filesystem, storage_path = run_storage(job.run.storage_path, storage)
     resources = {"CPU": job.scaling.cpus_per_worker}
@@ -148,7 +154,7 @@ def run_training(
             ),
         ),
         datasets=datasets,
-        dataset_config=SplitDataConfig(),
+        dataset_config=ValDataConfig(),
     )
     print(
         f"training {job.run.name}: {train_info.num_images} images, {train_info.categories.num_classes} classes, "
@@ -168,6 +174,7 @@ def run_training(
         end_run(job.tracking, run_id, "KILLED")
         raise
     finally:
+        ray.kill(shards)
         if board is not None:
             ray.kill(board)
     path = result.checkpoint.path if result.checkpoint is not None else None

@@ -25,6 +25,7 @@ from jobs.train.fatal import FATAL, record_fatal, refuse_after_fatal
 from jobs.train.hooks import Hook
 from jobs.train.optim_step import OptimizerStep, running_stats
 from jobs.train.progress import MetricLogger, StepMeter, console
+from jobs.train.rescale import layout_note, rescaled
 from jobs.train.schedule import build_optimizer
 from jobs.train.trainer import Trainer
 from model.build import build_criterion, build_model
@@ -50,6 +51,8 @@ class WorkerArgs:
         hooks: extra hooks, called before the job's own at every point (e.g. a test's fault injection).
         run_dir: the job's run directory (absolute path or ``s3://`` URI) and ``attempt``: an id of this
             ``run_training`` call; with them, errors a retry cannot fix fail the job once (:mod:`jobs.train.fatal`).
+        train_shards: the :class:`~jobs.train.shards.EpochShards` actor that hands each rank its shard of each
+            epoch's training stream.
     """
 
     job: JobConfig
@@ -63,6 +66,7 @@ class WorkerArgs:
     hooks: tuple[Hook, ...] = ()
     run_dir: str | None = None
     attempt: str | None = None
+    train_shards: Any = None
 
 
 def train_worker(args: WorkerArgs) -> None:
@@ -125,10 +129,11 @@ def train(args: WorkerArgs) -> None:
             criterion=criterion,
         )
         hooks.append(EvaluationHook(evaluator, ray.train.get_dataset_shard("val")))
-    hooks += [ExportModel(job, categories, tracker, rank), Checkpointer(train.checkpoint_every_iters, rank)]
-    shard = ray.train.get_dataset_shard("train")
+    layout = {"world_size": world, "batch_size": job.data.batch_size, "iters_per_epoch": args.iters_per_epoch}
+    hooks += [ExportModel(job, categories, tracker, rank), Checkpointer(train.checkpoint_every_iters, rank, layout)]
 
-    def data(epoch: int):
+    def data(epoch: int):  # this rank's shard of the epoch: the same rows in the same order on every run
+        shard = ray.get(args.train_shards.shard.remote(epoch, rank))
         seed, buffer = train.seed + rank, job.data.shuffle_buffer_size
         return iter_train_batches(
             shard, batch_size=job.data.batch_size, epoch=epoch, seed=seed, shuffle_buffer_size=buffer
@@ -149,9 +154,26 @@ def train(args: WorkerArgs) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            trainer.load_state_dict(load_state(directory, map_location=device))
-    torch.manual_seed(train.seed + 1000 * rank + trainer.progress.iteration)  # per-rank sampling streams
+            trainer.load_state_dict(resumable(load_state(directory, map_location=device), layout, job, rank))
+    if not trainer.rng_restored:  # per-rank sampling streams; a resumed rank continues its own
+        torch.manual_seed(train.seed + 1000 * rank + trainer.progress.iteration)
     trainer.train()
+
+
+def resumable(state: dict[str, Any], layout: dict[str, int], job: JobConfig, rank: int) -> dict[str, Any]:
+    """Checkpoint ``state`` made to continue with this run's ``layout``: as it is when unchanged, rescaled
+    (:mod:`jobs.train.rescale`) when the job allows it (``run.resume_rescale``), else a ``ValueError``."""
+    old = state.get("layout") or layout  # checkpoints from before layouts were saved: assumed unchanged
+    if old == layout:
+        return state
+    if not job.run.resume_rescale:
+        raise ValueError(
+            f"the checkpoint was trained with {old}, this run has {layout}: add run.resume_rescale=true to resume "
+            "with the LR rescaled, or keep scaling.num_workers and data.batch_size as they were"
+        )
+    if rank == 0:
+        console(layout_note(old, layout, job.train))
+    return rescaled(state, old, layout, job.train)
 
 
 def num_iters_per_epoch(num_images: int, num_workers: int, batch_size: int) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from jobs.train.hooks import Hook
@@ -32,13 +33,17 @@ class Progress:
 
 
 def rng_state() -> dict[str, Any]:
-    """torch, numpy and Python RNG states as weights-only-loadable values."""
+    """This process's torch (CPU, and the current CUDA device's), numpy and Python RNG states as
+    weights-only-loadable values."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
         "python": random.getstate(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -47,6 +52,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order. A collective: every rank of the process group calls it."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 class Trainer:
@@ -82,6 +106,7 @@ class Trainer:
         self.epochs, self.iters_per_epoch, self.device, self.amp_dtype = epochs, iters_per_epoch, device, amp_dtype
         self.progress = Progress()
         self.resumed = False
+        self.rng_restored = False  # this rank's RNG states came from the checkpoint
         self.metrics: dict[str, Any] = {}  # the latest value of every metric, reported with each checkpoint
         self.batch: Batch | None = None
         self.losses: dict[str, Tensor] = {}
@@ -128,25 +153,32 @@ class Trainer:
     def last_epoch_done(self) -> bool:
         return self.progress.epoch == self.epochs
 
-    def state_dict(self) -> dict[str, Any]:
-        """Weights, optimizer step, progress, hooks' states (by name), RNG states: ``torch.load``-able with
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Weights, optimizer step, progress, hooks' states (by name), RNG states per rank (``rng``: every rank's,
+        from :func:`gather_rng_states`; ``None``: this process's only): ``torch.load``-able with
         ``weights_only=True``."""
         return {
             "model": self.module.state_dict(),
             "optim_step": self.optim_step.state_dict(),
             "progress": asdict(self.progress),
             "hooks": {hook.name: state for hook in self.hooks if (state := hook.state_dict())},
-            "rng": rng_state(),
+            "rng": rng if rng is not None else [rng_state()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; this rank takes its own RNG states (``rng_restored`` says whether there
+        were any: a checkpoint of fewer ranks has none for the new ones)."""
         self.module.load_state_dict(state["model"])
         self.optim_step.load_state_dict(state["optim_step"])
         self.progress = Progress(**state["progress"])
         for hook in self.hooks:
             if hook.name in state["hooks"]:
                 hook.load_state_dict(state["hooks"][hook.name])
-        set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: one process's
+        rank, _ = rank_and_world()
+        self.rng_restored = rank < len(rngs)
+        if self.rng_restored:
+            set_rng_state(rngs[rank])
         self.resumed = True
 
     def _call(self, point: str) -> None:
