@@ -1,16 +1,18 @@
 """What a job needs to know about its datasets, read on the driver without images: image count, category
-map, fingerprint, and the ground truth in COCO form (original pixels, real category ids) for evaluation."""
+map, fingerprint, what was dropped from the annotations, and the ground truth in COCO form (original pixels,
+real category ids) for evaluation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from jobs.config import DatasetSpec
 from pipeline.categories import CategoryMap
-from pipeline.coco import load_coco
+from pipeline.coco import CocoDataset, load_coco
 from pipeline.manifest import read_manifest
 from pipeline.storage import StorageConfig, resolve
 from pipeline.stream import CocoSource, ParquetSource, Source
@@ -21,18 +23,52 @@ _GT_COLUMNS = ["image_id", "file_name", "width", "height", "boxes", "labels", "i
 @dataclass(frozen=True)
 class DatasetInfo:
     """``num_images`` rows the stream yields, the category map, a fingerprint of the source, and the COCO
-    ground-truth dict (``images``, ``annotations`` with xywh boxes, ``categories``; ``None`` unless asked for)."""
+    ground-truth dict (``images``, ``annotations`` with xywh boxes, ``categories``; ``None`` unless asked for).
+
+    ``drop_counts``: annotations (images, for ``image_without_annotations``) left out of the dataset, per reason
+    of :data:`pipeline.coco.DROP_REASONS`, and ``num_clipped`` the boxes kept after clipping to their image:
+    found by ``load_coco`` for raw COCO, recorded in the manifest by ``prepare`` for Parquet. ``coco``: the
+    loaded instances JSON of a raw COCO dataset (for :func:`source_of`, which saves the stream a second read).
+    """
 
     num_images: int
     categories: CategoryMap
     fingerprint: str
     coco_gt: dict[str, Any] | None
+    drop_counts: Mapping[str, int] = field(default_factory=dict)
+    num_clipped: int = 0
+    coco: CocoDataset | None = field(default=None, repr=False, compare=False)
 
 
-def source_of(spec: DatasetSpec) -> Source:
+def source_of(spec: DatasetSpec, info: DatasetInfo | None = None) -> Source:
+    """The stream source of ``spec``; with the :class:`DatasetInfo` of ``spec``, a raw COCO source carries the
+    annotations already loaded (read once on the driver, not once per use)."""
     if spec.parquet is not None:
         return ParquetSource(spec.parquet)
-    return CocoSource(spec.annotations, spec.images)  # type: ignore[arg-type]
+    dataset = info.coco if info is not None else None
+    return CocoSource(spec.annotations, spec.images, dataset)  # type: ignore[arg-type]
+
+
+def drop_summary(infos: Mapping[str, DatasetInfo | None]) -> str:
+    """One line for the driver's output of what each named dataset dropped, as ``dhrcnn prepare`` reports it."""
+    parts = []
+    for name, info in infos.items():
+        if info is not None:
+            drops = ", ".join(f"{k} {v}" for k, v in info.drop_counts.items() if v) or "none"
+            parts.append(f"{name}: {info.num_images} images, dropped: {drops}, clipped boxes: {info.num_clipped}")
+    return "datasets: " + "; ".join(parts)
+
+
+def drop_params(infos: Mapping[str, DatasetInfo | None]) -> dict[str, Any]:
+    """MLflow params (nested, for ``Tracker.log_params``) of the drops of each named dataset:
+    ``dataset.<name>.dropped.<reason>`` and ``dataset.<name>.clipped_boxes``."""
+    return {
+        "dataset": {
+            name: {"dropped": dict(info.drop_counts), "clipped_boxes": info.num_clipped}
+            for name, info in infos.items()
+            if info is not None
+        }
+    }
 
 
 def dataset_info(spec: DatasetSpec, storage: StorageConfig, *, with_gt: bool = True) -> DatasetInfo:
@@ -40,9 +76,10 @@ def dataset_info(spec: DatasetSpec, storage: StorageConfig, *, with_gt: bool = T
     ground truth (a training split: only evaluation needs one), and of a Parquet dataset only its manifest."""
     if spec.parquet is not None:
         manifest = read_manifest(spec.parquet, storage)
+        drops, clipped = dict(manifest.drop_counts), int(manifest.counts.get("clipped_boxes", 0))
         if not with_gt:
             num_images = sum(shard.num_rows for shard in manifest.shards)
-            return DatasetInfo(num_images, manifest.categories, manifest.fingerprint, None)
+            return DatasetInfo(num_images, manifest.categories, manifest.fingerprint, None, drops, clipped)
         rows = []
         for uri in manifest.shard_uris(spec.parquet):
             fs, path = resolve(uri, storage)
@@ -51,12 +88,12 @@ def dataset_info(spec: DatasetSpec, storage: StorageConfig, *, with_gt: bool = T
             (r["image_id"], r["file_name"], r["width"], r["height"], r["boxes"], r["labels"], r["iscrowd"], r["area"])
             for r in rows
         ]
-        return DatasetInfo(
-            len(records), manifest.categories, manifest.fingerprint, _coco_dict(records, manifest.categories)
-        )
+        coco_gt = _coco_dict(records, manifest.categories)
+        return DatasetInfo(len(records), manifest.categories, manifest.fingerprint, coco_gt, drops, clipped)
     data = load_coco(spec.annotations, storage)  # type: ignore[arg-type]
+    drops, clipped = dict(data.drop_counts), data.num_clipped
     if not with_gt:
-        return DatasetInfo(len(data.records), data.categories, data.fingerprint, None)
+        return DatasetInfo(len(data.records), data.categories, data.fingerprint, None, drops, clipped, data)
     records = [
         (
             r.image_id,
@@ -70,7 +107,8 @@ def dataset_info(spec: DatasetSpec, storage: StorageConfig, *, with_gt: bool = T
         )
         for r in data.records
     ]
-    return DatasetInfo(len(records), data.categories, data.fingerprint, _coco_dict(records, data.categories))
+    coco_gt = _coco_dict(records, data.categories)
+    return DatasetInfo(len(records), data.categories, data.fingerprint, coco_gt, drops, clipped, data)
 
 
 def _coco_dict(records: list[tuple], categories: CategoryMap) -> dict[str, Any]:

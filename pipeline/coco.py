@@ -20,7 +20,8 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.categories import CategoryMap
+from pipeline.json_items import JSONError, TopLevelLists
 
 __all__ = [
     "DROP_REASONS",
@@ -164,18 +166,64 @@ def load_coco(
 ) -> CocoDataset:
     """Read and validate the instances JSON at ``annotations_uri`` (local path or ``s3://``).
 
+    The file is streamed (:class:`pipeline.json_items.TopLevelLists`): memory holds the records and one column
+    of numbers per annotation field, never the parsed document, so a file takes well under twice its size. A
+    file outside strict JSON (``NaN``/``Infinity`` literals, which Python's ``json`` writes by default, UTF-16)
+    or malformed is read again whole and parsed with ``json`` (its error names the problem).
+
     Raises:
         DatasetError: malformed or truncated JSON, a missing required key, an unknown category id, a
             duplicate image / annotation / category id, an annotation of a missing image, a ``file_name``
             escaping the image root, ``width``/``height`` < 1.
         pipeline.storage.StorageError: the file cannot be read.
     """
-    data = storage.read_bytes(annotations_uri, config)
-    return parse_coco(data, annotations_uri, drop_images_without_annotations=drop_images_without_annotations)
+    drop = drop_images_without_annotations
+    try:
+        chunks = storage.read_chunks(annotations_uri, config, chunk_size=_READ_SIZE)
+        return _parse_stream(chunks, annotations_uri, drop)
+    except JSONError:
+        data = storage.read_bytes(annotations_uri, config)
+        return _parse_document(data, annotations_uri, drop)
 
 
 def parse_coco(data: bytes, source: str, *, drop_images_without_annotations: bool = False) -> CocoDataset:
     """:func:`load_coco` on bytes already read; ``source`` names the file in messages."""
+    view = memoryview(data)
+    chunks = (view[i : i + _CHUNK] for i in range(0, len(data), _CHUNK))
+    try:
+        return _parse_stream(chunks, source, drop_images_without_annotations)
+    except JSONError:
+        return _parse_document(data, source, drop_images_without_annotations)
+
+
+_CHUNK = 1 << 20
+_READ_SIZE = 4 << 20  # bytes per read of the file (an S3 GET each); the parser takes 64 KiB at a time
+_SECTIONS = ("images", "annotations", "categories")
+
+
+def _parse_stream(chunks: Iterable[bytes], source: str, drop_empty: bool) -> CocoDataset:
+    """One pass over the JSON bytes: images checked as they come, annotations kept as columns of numbers."""
+    doc = TopLevelLists(chunks, _SECTIONS, skip={"annotations": ("segmentation",)})
+    columns = _AnnotationColumns(source)
+    images: dict[int, tuple[int, str, int, int]] = {}
+    category_entries: list[Any] = []
+    counts = {"images": 0, "annotations": 0}
+    for section, entry in doc.items():
+        if section == "annotations":
+            columns.add(entry, counts["annotations"])
+            counts["annotations"] += 1
+        elif section == "images":
+            _add_image(images, entry, counts["images"], source)
+            counts["images"] += 1
+        else:
+            category_entries.append(entry)
+    _check_top_level(doc.top_level == "object", doc.lists, source)
+    categories = _parse_categories(category_entries, source)
+    return columns.dataset(images, categories, doc.sha256, drop_empty)
+
+
+def _parse_document(data: bytes, source: str, drop_empty: bool) -> CocoDataset:
+    """The whole-document path: ``json.loads``, then the same checks in the same order of keys."""
     try:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -183,110 +231,201 @@ def parse_coco(data: bytes, source: str, *, drop_images_without_annotations: boo
             f"{source}: not valid JSON ({exc}); the file is malformed or truncated ({len(data)} bytes). "
             "Re-export or re-upload it."
         ) from None
-    if not isinstance(doc, dict):
+    is_object = isinstance(doc, dict)
+    _check_top_level(is_object, {k for k in _SECTIONS if is_object and isinstance(doc.get(k), list)}, source)
+    categories = _parse_categories(doc["categories"], source)
+    images: dict[int, tuple[int, str, int, int]] = {}
+    for i, entry in enumerate(doc["images"]):
+        _add_image(images, entry, i, source)
+    columns = _AnnotationColumns(source)
+    for i, entry in enumerate(doc["annotations"]):
+        columns.add(entry, i)
+    return columns.dataset(images, categories, hashlib.sha256(data).hexdigest(), drop_empty)
+
+
+def _check_top_level(is_object: bool, lists: set[str], source: str) -> None:
+    if not is_object:
         raise DatasetError(f"{source}: the top level must be a JSON object with 'images', 'annotations', 'categories'")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(doc.get(key), list):
+    for key in _SECTIONS:
+        if key not in lists:
             raise DatasetError(f"{source}: missing required key {key!r} (a list); is this a COCO instances file?")
 
-    categories = _parse_categories(doc["categories"], source)
-    images = _parse_images(doc["images"], source)
-    per_image: dict[int, list[tuple[list[float], int, bool, float]]] = {iid: [] for iid in images}
-    drops = {reason: 0 for reason in DROP_REASONS}
-    examples: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
-    seen_ann: set[int] = set()
-    clipped = 0
-    for i, ann in enumerate(doc["annotations"]):
-        ann_id = _get(ann, "id", f"{source}: annotations[{i}]")
-        where = f"{source}: annotation id {ann_id!r}"
-        ann_id = _as_int(ann_id, where, "id")
-        if ann_id in seen_ann:
+
+# the drop reason of each annotation, as a number: 0 kept, else 1 + its index in DROP_REASONS
+_CODE = {reason: i + 1 for i, reason in enumerate(DROP_REASONS) if reason.startswith("bbox_")}
+_BAD_CROWD = 2  # iscrowd column: 0, 1, or this (the value kept in _AnnotationColumns.bad_crowd)
+
+
+class _AnnotationColumns:
+    """The fields that records need of every annotation, as compact columns (about 70 bytes an annotation), in
+    file order; the checks that need the images and categories run on the columns once all are read."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.ids = array("q")
+        self.image_ids = array("q")
+        self.category_ids = array("q")
+        self.xywh = array("d")
+        self.bbox_code = array("b")
+        self.area = array("d")  # NaN: absent or unusable, the clipped box area is used
+        self.crowd = array("b")
+        self.bad_crowd: dict[int, Any] = {}
+
+    def add(self, ann: Any, i: int) -> None:
+        if (
+            type(ann) is dict
+            and type(ann_id := ann.get("id")) is int
+            and type(image_id := ann.get("image_id")) is int
+            and type(category_id := ann.get("category_id")) is int
+            and "bbox" in ann
+        ):
+            bbox = ann["bbox"]
+        else:  # the checks of the slow path raise the message naming the annotation and the field
+            ann_id = _get(ann, "id", f"{self.source}: annotations[{i}]")
+            where = f"{self.source}: annotation id {ann_id!r}"
+            ann_id = _as_int(ann_id, where, "id")
+            image_id = _as_int(_get(ann, "image_id", where), where, "image_id")
+            category_id = _as_int(_get(ann, "category_id", where), where, "category_id")
+            bbox = _get(ann, "bbox", where)
+        code = 0
+        if not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4:
+            code, bbox = _CODE["bbox_wrong_length"], (math.nan,) * 4
+        elif not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+            code, bbox = _CODE["bbox_not_finite"], (math.nan,) * 4
+        iscrowd = ann.get("iscrowd", 0)
+        if isinstance(iscrowd, int | float) and iscrowd in (0, 1):  # "0" (a truthy string) is refused
+            crowd = int(iscrowd)
+        else:
+            crowd = _BAD_CROWD
+            self.bad_crowd[len(self.crowd)] = iscrowd
+        area = ann.get("area")
+        if not isinstance(area, int | float) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
+            area = math.nan
+        try:
+            self.ids.append(ann_id)
+            self.image_ids.append(image_id)
+            self.category_ids.append(category_id)
+        except OverflowError:
+            raise DatasetError(f"{self.source}: annotation id {ann_id}: an id is outside the 64-bit range") from None
+        self.xywh.extend(float(v) for v in bbox)
+        self.bbox_code.append(code)
+        self.area.append(float(area))
+        self.crowd.append(crowd)
+
+    def dataset(
+        self,
+        images: dict[int, tuple[int, str, int, int]],
+        categories: CategoryMap,
+        fingerprint: str,
+        drop_empty: bool,
+    ) -> CocoDataset:
+        """Check every annotation against ``images`` and ``categories``, drop and clip boxes, build records."""
+        ids = np.frombuffer(self.ids, dtype=np.int64)
+        image_ids = np.frombuffer(self.image_ids, dtype=np.int64)
+        x, y, w, h = np.frombuffer(self.xywh, dtype=np.float64).reshape(-1, 4).T
+        code = np.frombuffer(self.bbox_code, dtype=np.int8).copy()
+        crowd = np.frombuffer(self.crowd, dtype=np.int8)
+
+        known_ids = np.array(sorted(images), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(known_ids, image_ids), max(len(known_ids) - 1, 0))
+        image_known = known_ids[pos] == image_ids if len(known_ids) else np.zeros(len(ids), bool)
+        sizes = np.array([images[i][2:] for i in known_ids.tolist()], dtype=np.float64).reshape(-1, 2)
+        width, height = sizes[pos].T if len(known_ids) else np.zeros((2, len(ids)))
+        cat_ids = np.array(categories.category_ids, dtype=np.int64)
+        cats = np.frombuffer(self.category_ids, dtype=np.int64)
+        label = np.minimum(np.searchsorted(cat_ids, cats), len(cat_ids) - 1)
+        category_known = cat_ids[label] == cats
+
+        with np.errstate(invalid="ignore"):
+            code[(code == 0) & ((w < 0) | (h < 0))] = _CODE["bbox_negative_size"]
+            outside = (x >= width) | (y >= height) | (x + w <= 0) | (y + h <= 0)
+            code[(code == 0) & outside] = _CODE["bbox_outside_image"]
+            x1, y1 = np.clip(x, 0.0, width), np.clip(y, 0.0, height)
+            x2, y2 = np.clip(x + w, 0.0, width), np.clip(y + h, 0.0, height)
+            code[(code == 0) & ((x2 - x1 < MIN_BOX_SIZE) | (y2 - y1 < MIN_BOX_SIZE))] = _CODE["bbox_smaller_than_1px"]
+        kept = code == 0
+        bad_crowd = kept & (crowd == _BAD_CROWD)
+        self._raise_first_error(ids, image_ids, cats, categories, image_known, category_known, bad_crowd)
+
+        drops = {reason: 0 for reason in DROP_REASONS}
+        examples: dict[str, tuple[int, ...]] = {reason: () for reason in DROP_REASONS}
+        for reason, value in _CODE.items():
+            where = np.flatnonzero(code == value)
+            drops[reason] = len(where)
+            examples[reason] = tuple(ids[where[:_MAX_EXAMPLES]].tolist())
+        clipped = int(np.count_nonzero(kept & ((x1 != x) | (y1 != y) | (x2 != x + w) | (y2 != y + h))))
+
+        order = np.flatnonzero(kept)
+        order = order[np.argsort(image_ids[order], kind="stable")]  # by image, file order within an image
+        area = np.frombuffer(self.area, dtype=np.float64)[order]
+        box_area = (x2[order] - x1[order]) * (y2[order] - y1[order])
+        columns = (
+            np.stack([x1[order], y1[order], x2[order], y2[order]], axis=1).astype(np.float32),
+            (label[order] + 1).astype(np.int32),
+            crowd[order] == 1,
+            np.where(np.isnan(area), box_area, area).astype(np.float32),
+        )
+        bounds = np.searchsorted(image_ids[order], known_ids), np.searchsorted(image_ids[order], known_ids, "right")
+        records = []
+        empty: list[int] = []
+        for image_id, a, b in zip(known_ids.tolist(), *(v.tolist() for v in bounds), strict=True):
+            if a == b and drop_empty:
+                empty.append(image_id)
+                continue
+            _, file_name, img_width, img_height = images[image_id]
+            boxes, labels, iscrowd, areas = (c[a:b] for c in columns)
+            records.append(ImageRecord(image_id, file_name, img_width, img_height, boxes, labels, iscrowd, areas))
+        drops["image_without_annotations"] = len(empty)
+        examples["image_without_annotations"] = tuple(empty[:_MAX_EXAMPLES])
+        return CocoDataset(
+            source_uri=self.source,
+            records=tuple(records),
+            categories=categories,
+            drop_counts=drops,
+            drop_examples=examples,
+            fingerprint=fingerprint,
+            num_source_images=len(images),
+            num_source_annotations=len(ids),
+            num_clipped=clipped,
+        )
+
+    def _raise_first_error(
+        self,
+        ids: np.ndarray,
+        image_ids: np.ndarray,
+        cats: np.ndarray,
+        categories: CategoryMap,
+        image_known: np.ndarray,
+        category_known: np.ndarray,
+        bad_crowd: np.ndarray,
+    ) -> None:
+        """The error of the first annotation (file order) that has one, checked in the order of its fields."""
+        order = np.argsort(ids, kind="stable")
+        repeated = np.zeros(len(ids), bool)
+        repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+        checks = (repeated, ~image_known, ~category_known, bad_crowd)
+        firsts = [(int(np.argmax(c)), kind) for kind, c in enumerate(checks) if c.any()]
+        if not firsts:
+            return
+        i, kind = min(firsts)
+        ann_id, image_id = int(ids[i]), int(image_ids[i])
+        where = f"{self.source}: annotation id {ann_id!r}"
+        if kind == 0:
             raise DatasetError(f"{where} appears twice; annotation ids must be unique.")
-        seen_ann.add(ann_id)
-        image_id = _as_int(_get(ann, "image_id", where), where, "image_id")
-        if image_id not in images:
+        if kind == 1:
             raise DatasetError(
                 f"{where} refers to image id {image_id}, which is not in 'images'. Add the image or remove "
                 "the annotation."
             )
-        category_id = _as_int(_get(ann, "category_id", where), where, "category_id")
-        if category_id not in categories:
+        if kind == 2:
+            known = ", ".join(map(str, categories.category_ids))
             raise DatasetError(
-                f"{where} (image id {image_id}) has category_id {category_id}, which is not in 'categories' "
-                f"(known ids: {', '.join(map(str, categories.category_ids))}). Fix the annotation or add "
-                "the category."
+                f"{where} (image id {image_id}) has category_id {int(cats[i])}, which is not in 'categories' "
+                f"(known ids: {known}). Fix the annotation or add the category."
             )
-        _, _, width, height = images[image_id]
-        box, reason = _clip_box(_get(ann, "bbox", where), width, height)
-        if reason is not None:
-            drops[reason] += 1
-            if len(examples[reason]) < _MAX_EXAMPLES:
-                examples[reason].append(ann_id)
-            continue
-        assert box is not None
-        raw = ann["bbox"]
-        if box != [raw[0], raw[1], raw[0] + raw[2], raw[1] + raw[3]]:
-            clipped += 1
-        iscrowd = ann.get("iscrowd", 0)
-        if not isinstance(iscrowd, int | float) or iscrowd not in (0, 1):  # "0" (a truthy string) is refused
-            raise DatasetError(
-                f"{where} (image id {image_id}) has iscrowd {iscrowd!r}; expected 0 or 1. Fix the annotation."
-            )
-        area = ann.get("area")
-        if not isinstance(area, int | float) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
-            area = (box[2] - box[0]) * (box[3] - box[1])
-        per_image[image_id].append((box, categories.label_of(category_id), bool(iscrowd), float(area)))
-
-    records = []
-    for image_id in sorted(images):
-        anns = per_image[image_id]
-        if not anns and drop_images_without_annotations:
-            drops["image_without_annotations"] += 1
-            if len(examples["image_without_annotations"]) < _MAX_EXAMPLES:
-                examples["image_without_annotations"].append(image_id)
-            continue
-        _, file_name, width, height = images[image_id]
-        records.append(
-            ImageRecord(
-                image_id=image_id,
-                file_name=file_name,
-                width=width,
-                height=height,
-                boxes=np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4),
-                labels=np.array([a[1] for a in anns], dtype=np.int32),
-                iscrowd=np.array([a[2] for a in anns], dtype=bool),
-                area=np.array([a[3] for a in anns], dtype=np.float32),
-            )
+        raise DatasetError(
+            f"{where} (image id {image_id}) has iscrowd {self.bad_crowd[i]!r}; expected 0 or 1. Fix the annotation."
         )
-    return CocoDataset(
-        source_uri=source,
-        records=tuple(records),
-        categories=categories,
-        drop_counts=drops,
-        drop_examples={k: tuple(v) for k, v in examples.items()},
-        fingerprint=hashlib.sha256(data).hexdigest(),
-        num_source_images=len(images),
-        num_source_annotations=len(doc["annotations"]),
-        num_clipped=clipped,
-    )
-
-
-def _clip_box(bbox: Any, width: int, height: int) -> tuple[list[float] | None, str | None]:
-    """COCO ``[x, y, w, h]`` -> clipped ``[x1, y1, x2, y2]``, or ``(None, drop reason)``."""
-    if not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4:
-        return None, "bbox_wrong_length"
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
-        return None, "bbox_not_finite"
-    x, y, w, h = (float(v) for v in bbox)
-    if w < 0 or h < 0:
-        return None, "bbox_negative_size"
-    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-        return None, "bbox_outside_image"
-    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x2 - x1 < MIN_BOX_SIZE or y2 - y1 < MIN_BOX_SIZE:
-        return None, "bbox_smaller_than_1px"
-    return [x1, y1, x2, y2], None
 
 
 def _parse_categories(entries: list[Any], source: str) -> CategoryMap:
@@ -303,24 +442,22 @@ def _parse_categories(entries: list[Any], source: str) -> CategoryMap:
     return CategoryMap.from_pairs(list(pairs.items()))
 
 
-def _parse_images(entries: list[Any], source: str) -> dict[int, tuple[int, str, int, int]]:
-    images: dict[int, tuple[int, str, int, int]] = {}
-    for i, img in enumerate(entries):
-        raw_id = _get(img, "id", f"{source}: images[{i}]")
-        where = f"{source}: image id {raw_id!r}"
-        image_id = _as_int(raw_id, where, "id")
-        if image_id in images:
-            raise DatasetError(f"{where} appears twice in 'images'; image ids must be unique.")
-        file_name = check_file_name(_get(img, "file_name", where), where)
-        width = _as_int(_get(img, "width", where), f"{where} ({file_name})", "width")
-        height = _as_int(_get(img, "height", where), f"{where} ({file_name})", "height")
-        if width < 1 or height < 1:
-            raise DatasetError(
-                f"{where} ({file_name}): width and height must be >= 1, got {width}x{height}. Fix the "
-                "'images' entry (COCO sizes are of the image as displayed)."
-            )
-        images[image_id] = (image_id, file_name, width, height)
-    return images
+def _add_image(images: dict[int, tuple[int, str, int, int]], img: Any, i: int, source: str) -> None:
+    """Check the ``images`` entry ``img`` (the ``i``-th) and add it to ``images`` (id -> (id, file name, w, h))."""
+    raw_id = _get(img, "id", f"{source}: images[{i}]")
+    where = f"{source}: image id {raw_id!r}"
+    image_id = _as_int(raw_id, where, "id")
+    if image_id in images:
+        raise DatasetError(f"{where} appears twice in 'images'; image ids must be unique.")
+    file_name = check_file_name(_get(img, "file_name", where), where)
+    width = _as_int(_get(img, "width", where), f"{where} ({file_name})", "width")
+    height = _as_int(_get(img, "height", where), f"{where} ({file_name})", "height")
+    if width < 1 or height < 1:
+        raise DatasetError(
+            f"{where} ({file_name}): width and height must be >= 1, got {width}x{height}. Fix the "
+            "'images' entry (COCO sizes are of the image as displayed)."
+        )
+    images[image_id] = (image_id, file_name, width, height)
 
 
 def _get(entry: Any, key: str, where: str) -> Any:

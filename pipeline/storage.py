@@ -253,6 +253,15 @@ def read_bytes(uri: str, config: StorageConfig | None = None, *, filesystem: paf
         return f.read()
 
 
+def read_chunks(uri: str, config: StorageConfig | None = None, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The object at ``uri`` as consecutive pieces of at most ``chunk_size`` bytes, for readers that must not
+    hold the whole object (on S3 each piece is a ranged GET: keep them large)."""
+    fs, path = resolve(uri, config)
+    with _errors(uri, "read", fs, config), fs.open_input_stream(path) as f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
 def read_many(
     uris: Sequence[str],
     config: StorageConfig | None = None,

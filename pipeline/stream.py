@@ -42,7 +42,7 @@ from ray.data.context import DataContext
 from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
 from torch import Tensor
 
-from pipeline.coco import DatasetError, load_coco, safe_join
+from pipeline.coco import CocoDataset, DatasetError, load_coco, safe_join
 from pipeline.collate import collate
 from pipeline.decode import decode_image
 from pipeline.fetch import records_to_table
@@ -76,10 +76,15 @@ class ParquetSource:
 
 @dataclass(frozen=True)
 class CocoSource:
-    """A raw COCO dataset: instances JSON at ``annotations_uri``, image files under ``images_uri``."""
+    """A raw COCO dataset: instances JSON at ``annotations_uri``, image files under ``images_uri``.
+
+    ``dataset``: that JSON already loaded on the driver (:func:`pipeline.coco.load_coco`), so that the stream
+    does not read and parse it again; ``None``: the stream loads it.
+    """
 
     annotations_uri: str
     images_uri: str
+    dataset: CocoDataset | None = field(default=None, compare=False, repr=False)
 
 
 Source = ParquetSource | CocoSource
@@ -301,7 +306,8 @@ def _read_coco(
     source: CocoSource, storage: StorageConfig, config: StreamConfig, *, shuffle_seed: int | None
 ) -> ray.data.Dataset:
     """Records on the driver (annotations only), in blocks of ``rows_per_task``; bytes fetched in tasks."""
-    table = records_to_table(load_coco(source.annotations_uri, storage).records)
+    dataset = source.dataset if source.dataset is not None else load_coco(source.annotations_uri, storage)
+    table = records_to_table(dataset.records)
     n_blocks = max(1, math.ceil(table.num_rows / config.rows_per_task))
     bounds = np.linspace(0, table.num_rows, n_blocks + 1).astype(int)
     ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])

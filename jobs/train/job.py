@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
-from jobs.datasets import dataset_info, source_of
+from jobs.datasets import dataset_info, drop_params, drop_summary, source_of
 from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags
 from jobs.redact import redact_config
 from jobs.train.hooks import Hook
@@ -32,7 +32,7 @@ from jobs.train.preflight import cluster_capacity, preflight
 from jobs.train.progress import ProgressBoard
 from jobs.train.shards import epoch_shards
 from pipeline.storage import StorageConfig, exists, join, read_bytes, resolve, write_bytes
-from pipeline.stream import StreamConfig, eval_dataset, train_dataset
+from pipeline.stream import StreamConfig, eval_dataset
 
 RUN_ID_MARKER = "mlflow_run_id"  # next to the Ray Train run: the job's MLflow run id
 CONFIG_FILE = "config.yaml"  # next to the Ray Train run: the resolved job config, secrets removed
@@ -93,11 +93,11 @@ def run_training(
     val_info = dataset_info(job.data.val, storage) if job.data.val is not None else None
     cpus, autoscaling = cluster_capacity()
     preflight(job, train_info, val_info, cluster_cpus=cpus, autoscaling=autoscaling)
+    print(drop_summary({"train": train_info, "val": val_info}), flush=True)
     stream = StreamConfig(augment=job.data.augment, seed=job.train.seed, rows_per_task=job.data.rows_per_task)
-    train_dataset(source_of(job.data.train), storage, stream)  # refuses an incomplete dataset before any worker
-    datasets = {}
+    datasets = {}  # the training stream is built per epoch by the EpochShards actor, from the loaded records
     if job.data.val is not None:
-        datasets["val"] = eval_dataset(source_of(job.data.val), storage, stream)
+        datasets["val"] = eval_dataset(source_of(job.data.val, val_info), storage, stream)
 
     run_dir = join(job.run.storage_path, job.run.name)
     note = check_identity(run_dir, storage, job, train_info.fingerprint)
@@ -113,10 +113,13 @@ def run_training(
         )
         return TrainResult(done["metrics"], done["checkpoint_path"], done["run_id"])
     job = replace(job, tracking=ensure_tracking_store(job.tracking))  # absolute URI for the workers
-    run_id = job_run_id(job.tracking, run_dir, storage, job, train_info.fingerprint, parent_run_id=parent_run_id)
+    drops = drop_params({"train": train_info, "val": val_info})
+    run_id = job_run_id(
+        job.tracking, run_dir, storage, job, train_info.fingerprint, parent_run_id=parent_run_id, params=drops
+    )
     iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
     board = ProgressBoard.remote() if console is not None else None
-    shards = epoch_shards(source_of(job.data.train), storage, stream, job.scaling.num_workers)
+    shards = epoch_shards(source_of(job.data.train, train_info), storage, stream, job.scaling.num_workers)
     args = WorkerArgs(
         job=job,
         run_id=run_id,
@@ -191,17 +194,20 @@ def job_run_id(
     fingerprint: str,
     *,
     parent_run_id: str | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> str:
     """The job's MLflow run: created (params, config, tags) on the first start, its id and the resolved config
     (:data:`CONFIG_FILE`, as logged to MLflow) kept next to the Ray Train run so that a restarted job and
     recovered workers continue the same run. With ``parent_run_id`` the run is nested under that one (tag
-    ``mlflow.parentRunId``)."""
+    ``mlflow.parentRunId``). ``params``: more params of the run (e.g. the datasets' drop counts)."""
     existing = existing_run_id(run_dir, storage)
     if existing is not None:
         return existing
     tracker = Tracker(replace(tracking, run_name=tracking.run_name or job.run.name))
     run_id = tracker.start(None)
     tracker.log_config(job.to_dict())
+    if params:
+        tracker.log_params(params)
     extra = {"job_name": job.run.name, "storage_path": job.run.storage_path}
     if parent_run_id is not None:
         extra["mlflow.parentRunId"] = parent_run_id
