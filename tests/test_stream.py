@@ -347,3 +347,44 @@ def test_shuffle_buffer_is_a_seeded_permutation_per_epoch() -> None:
     assert sorted(first) == list(range(20)) and first != list(range(20))
     assert order(0, 0) == first
     assert order(0, 1) != first and order(1, 0) != first
+
+
+@pytest.mark.timeout(180)
+def test_epoch_shards_give_a_new_worker_group_the_same_shards_from_loaded_coco_records(mixed: tuple) -> None:
+    """The job's :class:`EpochShards` actor over a raw COCO source whose records the driver loaded once: each rank
+    its shard of the epoch, and a rank asking again (a new worker group) gets the epoch split anew, identical."""
+    import ray
+
+    from jobs.train.shards import epoch_shards
+    from pipeline.coco import load_coco
+
+    annotations_uri, images_uri, _, records = mixed
+    source = CocoSource(annotations_uri, images_uri, dataset=load_coco(annotations_uri))
+    config = dataclasses.replace(CONFIG, rows_per_task=2)
+    shards = epoch_shards(source, StorageConfig(), config, world_size=2)
+
+    def epoch_logs(epoch: int) -> dict[int, list[tuple[int, bool]]]:
+        iterators = [ray.get(shards.shard.remote(epoch, rank)) for rank in (0, 1)]
+        logs: dict[int, list[tuple[int, bool]]] = {}
+
+        def worker(rank: int) -> None:
+            batches = iter_train_batches(iterators[rank], batch_size=2, epoch=epoch, seed=rank)
+            logs[rank] = [(int(t["image_id"]), bool(t["flipped"])) for _, ts in batches for t in ts]
+
+        threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=100)
+        assert sorted(logs) == [0, 1], "a shard did not finish its epoch"
+        return logs
+
+    try:
+        first = epoch_logs(1)
+        assert sorted(i for r in (0, 1) for i, _ in first[r]) == sorted(records)[: len(first[0]) * 2]
+        assert epoch_logs(1) == first, "a new worker group gets the same shards"
+        epoch_logs(2)
+        epoch_logs(3)
+        assert ray.get(shards.epochs_held.remote()) == [2, 3], "older epochs are let go"
+    finally:
+        ray.kill(shards)
