@@ -22,11 +22,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
-from jobs.datasets import dataset_info, drop_params, drop_summary, source_of
+from jobs.datasets import DatasetInfo, dataset_info, drop_params, drop_summary, source_of
 from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags
 from jobs.redact import redact_config
 from jobs.train.hooks import Hook
 from jobs.train.identity import check_identity, finished_result, record_result
+from jobs.train.lease import RunLease
 from jobs.train.loop import WorkerArgs, num_iters_per_epoch, train_worker
 from jobs.train.preflight import cluster_capacity, preflight
 from jobs.train.progress import ProgressBoard
@@ -100,6 +101,40 @@ def run_training(
         datasets["val"] = eval_dataset(source_of(job.data.val, val_info), storage, stream)
 
     run_dir = join(job.run.storage_path, job.run.name)
+    with RunLease(run_dir, storage):  # one job at a time in run_dir, from before anything is written there
+        return _train_in(
+            run_dir,
+            job,
+            train_info,
+            val_info,
+            stream,
+            datasets,
+            threads_per_worker=threads_per_worker,
+            picture_path=picture_path,
+            callbacks=callbacks,
+            parent_run_id=parent_run_id,
+            console=console,
+            hooks=hooks,
+        )
+
+
+def _train_in(
+    run_dir: str,
+    job: JobConfig,
+    train_info: DatasetInfo,
+    val_info: DatasetInfo | None,
+    stream: StreamConfig,
+    datasets: dict[str, Any],
+    *,
+    threads_per_worker: int | None,
+    picture_path: str | None,
+    callbacks: Sequence[UserCallback],
+    parent_run_id: str | None,
+    console: RayConsole | None,
+    hooks: Sequence[Hook],
+) -> TrainResult:
+    """:func:`run_training` once it holds the lease on ``run_dir``."""
+    storage = job.data.storage
     note = check_identity(run_dir, storage, job, train_info.fingerprint)
     if note is not None:
         print(f"{job.run.name}: resuming with another data layout ({note}), the LR rescaled", flush=True)
