@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
 from jobs.datasets import dataset_info, source_of
-from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags
+from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags, without_secrets
 from jobs.redact import redact_config
 from jobs.train.hooks import Hook
 from jobs.train.identity import check_identity, finished_result, record_result
@@ -113,7 +113,8 @@ def run_training(
     iters = num_iters_per_epoch(train_info.num_images, job.scaling.num_workers, job.data.batch_size)
     board = ProgressBoard.remote() if console is not None else None
     args = WorkerArgs(
-        job=job,
+        job=replace(job, tracking=without_secrets(job.tracking)),  # Ray keeps train_loop_config: no credentials
+        tracking_uri_ref=ray.put(job.tracking.tracking_uri),
         run_id=run_id,
         categories=train_info.categories.to_dict(),
         iters_per_epoch=iters,
