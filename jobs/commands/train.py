@@ -21,10 +21,11 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from jobs.config import load_job_config
+    from jobs.redact import redact_config
 
     job = load_job_config(args.config, args.overrides)
     if args.dry_run:
-        print(yaml.safe_dump(job.to_dict(), sort_keys=False))
+        print(yaml.safe_dump(redact_config(job.to_dict()), sort_keys=False))  # no tracking URI credentials
         return 0
     from jobs.console import ray_console, results_text
     from jobs.ray_env import ensure_ray

@@ -17,11 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from jobs.redact import redact_config
     from jobs.tune.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.overrides)
     if args.dry_run:
-        print(yaml.safe_dump({**sweep.job.to_dict(), "tune": sweep.tune.to_dict()}, sort_keys=False))
+        resolved = {**sweep.job.to_dict(), "tune": sweep.tune.to_dict()}
+        print(yaml.safe_dump(redact_config(resolved), sort_keys=False))  # no tracking URI credentials
         return 0
     from jobs.ray_env import ensure_ray
     from jobs.tune.results import results_table

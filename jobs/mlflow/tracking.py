@@ -85,6 +85,13 @@ def ensure_tracking_store(cfg: TrackingConfig) -> TrackingConfig:
     return replace(cfg, tracking_uri=uri)
 
 
+def without_secrets(cfg: TrackingConfig) -> TrackingConfig:
+    """``cfg`` with its URI's password and secret query values masked (:func:`jobs.redact.redact_url`): what may
+    be handed to anything that keeps or prints it (Ray Train's ``train_loop_config``, Tune's trial files). It
+    cannot reach a store that needs those credentials."""
+    return cfg if cfg.tracking_uri is None else replace(cfg, tracking_uri=redact_url(cfg.tracking_uri))
+
+
 def experiment_id(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if missing (a sqlite store's artifacts go next to the DB)."""
     experiment = client.get_experiment_by_name(name)
@@ -200,6 +207,25 @@ class Tracker:
         self._run_id = run.info.run_id
         self._last_step = {}
         return self._run_id
+
+    def attach(self, run_id: str) -> str | None:
+        """Log into the existing run ``run_id`` as it is (its status unchanged, e.g. to add a model to a finished
+        run). Returns ``run_id``; raises :class:`TrackingError` if the store has no such run."""
+        if not self.enabled:
+            self._run_id = run_id
+            return run_id
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        check_reachable(self.tracking_uri, self.cfg.connect_timeout_s)
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        try:
+            self._client.get_run(run_id)
+        except MlflowException as err:
+            where = redact_url(self.tracking_uri)
+            raise TrackingError(f"no MLflow run {run_id} in {where}: {err.message}") from err
+        self._run_id = run_id
+        return run_id
 
     def _require_run(self) -> str:
         if self._run_id is None or self._client is None:

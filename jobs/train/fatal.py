@@ -1,22 +1,26 @@
 """Errors that a retry cannot fix fail the job once.
 
 Ray Train retries every worker error up to ``run.max_failures`` times from the latest checkpoint; for a killed
-worker or a lost node that is right, but a non-finite-loss stop, a class mismatch, a bad config or bad data
-would only fail again after replaying the training since that checkpoint. A worker that fails with one of
-:data:`FATAL` records it in the run directory (``fatal_error.json``, with the driver's attempt id); a worker group
-restarted within the same attempt finds the record and fails at once with :class:`FatalError`, so Ray Train's
-retries end in seconds. Starting the job again (a new attempt, after fixing the cause) ignores the record.
+worker or a lost node that is right, but a non-finite-loss stop, a class mismatch, a bad config, bad data or a
+failed final registration would only fail again after replaying the training since that checkpoint. A worker
+that fails with one of :data:`FATAL` records it in the run directory (``fatal_error.json``, with the driver's
+attempt id); a worker group restarted within the same attempt finds the record and fails at once with
+:class:`FatalError`, so Ray Train's retries end in seconds. Starting the job again (a new attempt, after fixing
+the cause) ignores the record.
 """
 
 from __future__ import annotations
 
 import json
 
+from jobs.train.export import ExportError
 from jobs.train.optim_step import NonFiniteLossError
 from pipeline.storage import StorageConfig, exists, join, read_bytes, write_bytes
 
-# ValueError covers ConfigError, DatasetError and the detector's input checks (e.g. labels beyond num_classes)
-FATAL: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError)
+# ValueError covers ConfigError, DatasetError and the detector's input checks (e.g. labels beyond num_classes);
+# ExportError: the final registration failed after training, the weights are saved and the message says how to
+# register them (a retry would train the last epoch again for a registry that is still down)
+FATAL: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError, ExportError)
 MARKER = "fatal_error.json"
 
 

@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.config import JobConfig
 from jobs.console import RayConsole, follow_progress, is_tty
 from jobs.datasets import DatasetInfo, dataset_info, drop_params, drop_summary, source_of
-from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags
+from jobs.mlflow.tracking import Tracker, TrackingConfig, end_run, ensure_tracking_store, run_tags, without_secrets
 from jobs.redact import redact_config
 from jobs.train.hooks import Hook
 from jobs.train.identity import check_identity, finished_result, record_result
@@ -156,7 +156,8 @@ def _train_in(
     board = ProgressBoard.remote() if console is not None else None
     shards = epoch_shards(source_of(job.data.train, train_info), storage, stream, job.scaling.num_workers)
     args = WorkerArgs(
-        job=job,
+        job=replace(job, tracking=without_secrets(job.tracking)),  # Ray keeps train_loop_config: no credentials
+        tracking_uri_ref=ray.put(job.tracking.tracking_uri),
         run_id=run_id,
         categories=train_info.categories.to_dict(),
         iters_per_epoch=iters,

@@ -7,9 +7,10 @@ the data and the hooks from :class:`WorkerArgs`, restores the latest checkpoint,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -40,7 +41,8 @@ class WorkerArgs:
     """What every Train worker gets from the driver.
 
     Args:
-        job: the resolved job config.
+        job: the resolved job config, its tracking URI's credentials masked (Ray keeps this object and may write
+            it out); ``tracking_uri_ref``: a Ray object reference to the real URI (:func:`worker_job`).
         run_id: the job's MLflow run (created by the driver; a checkpoint's wins on resume).
         categories: the dataset's :class:`~pipeline.categories.CategoryMap` as ``to_dict()``.
         iters_per_epoch: steps per epoch on every worker (:func:`num_iters_per_epoch`).
@@ -67,6 +69,15 @@ class WorkerArgs:
     run_dir: str | None = None
     attempt: str | None = None
     train_shards: Any = None
+    tracking_uri_ref: Any = None
+
+
+def worker_job(args: WorkerArgs) -> JobConfig:
+    """``args.job`` with its real tracking URI, from the object store (which nothing persists)."""
+    if args.tracking_uri_ref is None:
+        return args.job
+    tracking = replace(args.job.tracking, tracking_uri=ray.get(args.tracking_uri_ref))
+    return replace(args.job, tracking=tracking)
 
 
 def train_worker(args: WorkerArgs) -> None:
@@ -84,7 +95,7 @@ def train_worker(args: WorkerArgs) -> None:
 
 def train(args: WorkerArgs) -> None:
     flush_denormals()  # before the first parallel op: the intra-op threads inherit it (jobs/denormals.py)
-    job, train = args.job, args.job.train
+    job, train = worker_job(args), args.job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
@@ -130,7 +141,8 @@ def train(args: WorkerArgs) -> None:
         )
         hooks.append(EvaluationHook(evaluator, ray.train.get_dataset_shard("val")))
     layout = {"world_size": world, "batch_size": job.data.batch_size, "iters_per_epoch": args.iters_per_epoch}
-    hooks += [ExportModel(job, categories, tracker, rank), Checkpointer(train.checkpoint_every_iters, rank, layout)]
+    export = ExportModel(job, categories, tracker, rank, args.run_dir)
+    hooks += [export, Checkpointer(train.checkpoint_every_iters, rank, layout)]
 
     def data(epoch: int):  # this rank's shard of the epoch: the same rows in the same order on every run
         shard = ray.get(args.train_shards.shard.remote(epoch, rank))
