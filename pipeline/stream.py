@@ -258,7 +258,8 @@ def _read(
         filesystem, paths = _manifest_shards(source.uri, storage)
         shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
         with _parquet_reader_v1():
-            ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
+            # one read task per file, whatever the cluster's size: the blocks (and so each rank's rows) stay fixed
+            ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle, override_num_blocks=len(paths))
         return ds.select_columns(_INPUT_COLUMNS)
     if isinstance(source, CocoSource):
         return _read_coco(source, storage, config, shuffle_seed=shuffle_seed)

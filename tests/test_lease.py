@@ -153,6 +153,17 @@ def test_a_lease_taken_over_is_noticed_and_left_to_its_new_holder(run_dir):
     assert lease_record(run_dir)["owner"] == theirs["owner"]  # releasing did not delete the new holder's lease
 
 
+def test_a_lost_lease_is_reported_however_the_job_ends(run_dir):
+    """Ray Train's SIGINT handler ends an interrupted ``fit`` with ``SystemExit(0)``: still a lost lease."""
+    lease = RunLease(run_dir, ttl_s=5, renew_every_s=0.2, interrupt_main=False)
+    with pytest.raises(LeaseLostError), lease:
+        plant_lease(run_dir, host="other-host", pid=1, expires_in_s=60)
+        deadline = time.monotonic() + 10
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise SystemExit(0)
+
+
 # -- at run_training's entry -------------------------------------------------------------------------------------
 
 

@@ -357,7 +357,7 @@ def test_shuffle_buffer_is_a_seeded_permutation_per_epoch() -> None:
 @pytest.mark.timeout(180)
 def test_epoch_shards_give_a_new_worker_group_the_same_shards_from_loaded_coco_records(mixed: tuple) -> None:
     """The job's :class:`EpochShards` actor over a raw COCO source whose records the driver loaded once: each rank
-    its shard of the epoch, and a rank asking again (a new worker group) gets the epoch split anew, identical."""
+    its shard of the epoch, and a new worker group gets the epoch split anew, identical."""
     import ray
 
     from jobs.train.shards import epoch_shards
@@ -368,16 +368,18 @@ def test_epoch_shards_give_a_new_worker_group_the_same_shards_from_loaded_coco_r
     config = dataclasses.replace(CONFIG, rows_per_task=2)
     shards = epoch_shards(source, StorageConfig(), config, world_size=2)
 
-    def epoch_logs(epoch: int) -> dict[int, list[tuple[int, bool]]]:
-        return _consume([ray.get(shards.shard.remote(epoch, rank)) for rank in (0, 1)], epoch)
+    def epoch_logs(epoch: int, group: str = "g1") -> dict[int, list[tuple[int, bool]]]:
+        return _consume([ray.get(shards.shard.remote(epoch, rank, group)) for rank in (0, 1)], epoch)
 
     assert len(records) % 2 == 0  # equal=True drops the remainder rows of an odd count
     try:
         first = epoch_logs(1)
         assert sorted(i for r in (0, 1) for i, _ in first[r]) == sorted(records)
-        assert epoch_logs(1) == first, "a new worker group gets the same shards"
-        epoch_logs(2)
-        epoch_logs(3)
+        assert epoch_logs(1, "g2") == first, "a new worker group gets the same shards"
+        epoch_logs(2, "g2")
+        epoch_logs(3, "g2")
         assert ray.get(shards.epochs_held.remote()) == [2, 3], "older epochs are let go"
+        ray.get(shards.shard.remote(3, 0, "g3"))  # a half-asked epoch of a new group (rank 1 not asked yet)
+        assert ray.get(shards.epochs_held.remote()) == [3], "a new group drops the old group's splits"
     finally:
         ray.kill(shards)

@@ -270,6 +270,8 @@ def test_a_resume_with_another_layout_rescales_the_lr_at_the_same_point_of_the_e
     moved = rescaled(state, old, new, cfg)
     assert moved["progress"] == {"epoch": 1, "iteration": 5, "batch_in_epoch": 2}  # 4/6 of epoch 1 -> 2/3
     assert state["progress"]["iteration"] == 10, "the checkpoint's state is left as it was"
+    epoch_end = rescaled({**state, "progress": {"epoch": 0, "iteration": 6, "batch_in_epoch": 6}}, old, new, cfg)
+    assert epoch_end["progress"] == {"epoch": 0, "iteration": 3, "batch_in_epoch": 3}, "no step of it again"
     after = optim_step(8, 3)
     after.load_state_dict(moved["optim_step"])
     assert after.lr == pytest.approx(scaled_lr(cfg, 8) * lr_factor(5, cfg, 3))
@@ -290,9 +292,13 @@ def test_a_checkpoint_of_another_layout_is_refused_unless_the_job_asks_for_the_r
     )
     state = {"layout": old, "progress": {"epoch": 0, "iteration": 3, "batch_in_epoch": 3}}
     assert resumable(state, old, job, rank=0) is state
+    legacy = {k: v for k, v in state.items() if k != "layout"}  # a checkpoint from before layouts were saved
+    assert resumable(legacy, new, job, rank=0) is legacy
     with pytest.raises(ValueError, match=r"run.resume_rescale=true"):
         resumable(state, new, job, rank=0)
     allowed = resolve_job_config({**raw, "run": {"resume_rescale": True}})
+    with pytest.raises(ValueError, match=r"does not record the workers and batch size"):
+        resumable(legacy, new, allowed, rank=0)
     assert resumable({**state, "optim_step": make_trainer().optim_step.state_dict()}, new, allowed, rank=1)[
         "progress"
     ] == {"epoch": 0, "iteration": 6, "batch_in_epoch": 6}

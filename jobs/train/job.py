@@ -101,8 +101,9 @@ def run_training(
         datasets["val"] = eval_dataset(source_of(job.data.val, val_info), storage, stream)
 
     run_dir = join(job.run.storage_path, job.run.name)
-    with RunLease(run_dir, storage):  # one job at a time in run_dir, from before anything is written there
+    with RunLease(run_dir, storage) as lease:  # one job at a time in run_dir, from before anything is written there
         return _train_in(
+            lease,
             run_dir,
             job,
             train_info,
@@ -119,6 +120,7 @@ def run_training(
 
 
 def _train_in(
+    lease: RunLease,
     run_dir: str,
     job: JobConfig,
     train_info: DatasetInfo,
@@ -133,7 +135,8 @@ def _train_in(
     console: RayConsole | None,
     hooks: Sequence[Hook],
 ) -> TrainResult:
-    """:func:`run_training` once it holds the lease on ``run_dir``."""
+    """:func:`run_training` once it holds the ``lease`` on ``run_dir``; a job that lost it (another job took the
+    run directory over) leaves the MLflow run and the result to that job."""
     storage = job.data.storage
     note = check_identity(run_dir, storage, job, train_info.fingerprint)
     if note is not None:
@@ -207,10 +210,12 @@ def _train_in(
         with follow_progress(board, eval_images=eval_images, tty=tty) if board is not None else nullcontext():
             result = trainer.fit()
     except ray.train.TrainingFailedError:  # the workers' error, or a killed worker that could not say so itself
-        end_run(job.tracking, run_id, "FAILED")
+        if not lease.lost:
+            end_run(job.tracking, run_id, "FAILED")
         raise
     except KeyboardInterrupt:  # the same command resumes it
-        end_run(job.tracking, run_id, "KILLED")
+        if not lease.lost:
+            end_run(job.tracking, run_id, "KILLED")
         raise
     finally:
         ray.kill(shards)
@@ -218,7 +223,9 @@ def _train_in(
             ray.kill(board)
     path = result.checkpoint.path if result.checkpoint is not None else None
     metrics = dict(result.metrics or {})
-    record_result(run_dir, storage, job.train.epochs, {"metrics": metrics, "checkpoint_path": path, "run_id": run_id})
+    if not lease.lost:
+        result_record = {"metrics": metrics, "checkpoint_path": path, "run_id": run_id}
+        record_result(run_dir, storage, job.train.epochs, result_record)
     return TrainResult(metrics, path, run_id)
 
 

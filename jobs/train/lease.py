@@ -190,7 +190,7 @@ class RunLease:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
-        if self.lost and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+        if self.lost:  # however the job ended (Ray Train's SIGINT handler exits with SystemExit)
             raise LeaseLostError(
                 f"{self.path}: this job's lease was taken over by another job while it ran (it could not renew "
                 f"it for {self.ttl_s:g} s); that job now writes to {self.run_dir}. Check which job should own it."

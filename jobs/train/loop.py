@@ -28,6 +28,7 @@ from jobs.train.optim_step import OptimizerStep, running_stats
 from jobs.train.progress import MetricLogger, StepMeter, console
 from jobs.train.rescale import layout_note, rescaled
 from jobs.train.schedule import build_optimizer
+from jobs.train.shards import worker_group_id
 from jobs.train.trainer import Trainer
 from model.build import build_criterion, build_model
 from pipeline.categories import CategoryMap
@@ -144,8 +145,10 @@ def train(args: WorkerArgs) -> None:
     export = ExportModel(job, categories, tracker, rank, args.run_dir)
     hooks += [export, Checkpointer(train.checkpoint_every_iters, rank, layout)]
 
+    group = worker_group_id()
+
     def data(epoch: int):  # this rank's shard of the epoch: the same rows in the same order on every run
-        shard = ray.get(args.train_shards.shard.remote(epoch, rank))
+        shard = ray.get(args.train_shards.shard.remote(epoch, rank, group))
         seed, buffer = train.seed + rank, job.data.shuffle_buffer_size
         return iter_train_batches(
             shard, batch_size=job.data.batch_size, epoch=epoch, seed=seed, shuffle_buffer_size=buffer
@@ -166,7 +169,8 @@ def train(args: WorkerArgs) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            trainer.load_state_dict(resumable(load_state(directory, map_location=device), layout, job, rank))
+            # on the CPU: RNG states must stay there; weights and optimizer state go to the device on loading
+            trainer.load_state_dict(resumable(load_state(directory, map_location="cpu"), layout, job, rank))
     if not trainer.rng_restored:  # per-rank sampling streams; a resumed rank continues its own
         torch.manual_seed(train.seed + 1000 * rank + trainer.progress.iteration)
     trainer.train()
@@ -175,7 +179,15 @@ def train(args: WorkerArgs) -> None:
 def resumable(state: dict[str, Any], layout: dict[str, int], job: JobConfig, rank: int) -> dict[str, Any]:
     """Checkpoint ``state`` made to continue with this run's ``layout``: as it is when unchanged, rescaled
     (:mod:`jobs.train.rescale`) when the job allows it (``run.resume_rescale``), else a ``ValueError``."""
-    old = state.get("layout") or layout  # checkpoints from before layouts were saved: assumed unchanged
+    old = state.get("layout")
+    if old is None:  # a checkpoint from before layouts were saved: only its own layout can resume it
+        if job.run.resume_rescale:
+            raise ValueError(
+                "the checkpoint does not record the workers and batch size it was trained with, so it cannot be "
+                "rescaled: resume it with the scaling.num_workers and data.batch_size it had, without "
+                "run.resume_rescale"
+            )
+        return state
     if old == layout:
         return state
     if not job.run.resume_rescale:

@@ -38,7 +38,7 @@ def rescaled(state: dict[str, Any], old: dict[str, int], new: dict[str, int], cf
     state = copy.deepcopy(state)
     progress = state["progress"]
     fraction = progress["batch_in_epoch"] / old["iters_per_epoch"]
-    batch = min(round(fraction * new["iters_per_epoch"]), new["iters_per_epoch"] - 1) if fraction else 0
+    batch = min(round(fraction * new["iters_per_epoch"]), new["iters_per_epoch"])
     iteration = progress["epoch"] * new["iters_per_epoch"] + batch
     progress.update(batch_in_epoch=batch, iteration=iteration)
 

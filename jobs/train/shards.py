@@ -8,16 +8,20 @@ drawn from ``(seed, e)``) when a worker first asks for it, splits it ``streaming
 with Ray Data's order kept, and hands rank ``r`` split ``r``. Ray Data's splitter then gives every rank the same
 rows in the same order each time, so a resumed or restarted run trains on the batches an uninterrupted run did.
 
-A rank that asks again for an epoch it was given belongs to a new worker group (the old one failed mid-epoch):
-the epoch is split anew for it. Splits of epochs older than the previous one are let go, and with them their
-Ray Data executions.
+Each worker group asks with its own id (rank 0 draws it and broadcasts it): a new group (the old one failed) gets
+every epoch split anew, and the old group's splits are let go, so no rank of the new group can meet a
+half-consumed split of the old one. Within a group, splits of epochs older than the previous one are let go,
+and with them their Ray Data executions. The actor holds nothing that cannot be rebuilt, so Ray restarts it if
+it dies.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import ray
+import torch.distributed as dist
 from ray.data import DataContext, DataIterator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -25,9 +29,10 @@ from pipeline.storage import StorageConfig
 from pipeline.stream import Source, StreamConfig, train_dataset
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EpochShards:
-    """Rank ``r``'s :class:`ray.data.DataIterator` over epoch ``e`` of the training stream: ``shard(e, r)``.
+    """Rank ``r``'s :class:`ray.data.DataIterator` over epoch ``e`` of the training stream for worker group ``g``:
+    ``shard(e, r, g)``.
 
     Args:
         source, storage, config: the training stream (:func:`pipeline.stream.train_dataset`).
@@ -47,22 +52,30 @@ class EpochShards:
         if data_context is not None:
             DataContext._set_current(data_context)
         self.source, self.storage, self.config, self.world_size = source, storage, config, world_size
-        self.splits: dict[int, tuple[list[DataIterator], set[int]]] = {}  # epoch -> (splits, ranks given)
+        self.group: str | None = None
+        self.splits: dict[int, list[DataIterator]] = {}  # epoch -> one split per rank, of worker group `group`
 
-    def shard(self, epoch: int, rank: int) -> DataIterator:
+    def shard(self, epoch: int, rank: int, group: str) -> DataIterator:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank}: expected 0..{self.world_size - 1}")
-        splits, given = self.splits.get(epoch, (None, set()))
-        if splits is None or rank in given:  # first ask, or a new worker group
+        if group != self.group:  # a new worker group: nothing of the old one's is handed out again
+            self.group, self.splits = group, {}
+        if epoch not in self.splits:
             dataset = train_dataset(self.source, self.storage, self.config, epoch=epoch)
-            splits, given = dataset.streaming_split(self.world_size, equal=True), set()
             self.splits = {e: v for e, v in self.splits.items() if e >= epoch - 1}
-            self.splits[epoch] = (splits, given)
-        given.add(rank)
-        return splits[rank]
+            self.splits[epoch] = dataset.streaming_split(self.world_size, equal=True)
+        return self.splits[epoch][rank]
 
     def epochs_held(self) -> list[int]:
         return sorted(self.splits)
+
+
+def worker_group_id() -> str:
+    """An id shared by the ranks of this worker group (rank 0's, broadcast; a collective)."""
+    ids = [uuid.uuid4().hex]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
 
 
 def epoch_shards(
