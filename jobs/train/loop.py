@@ -142,8 +142,10 @@ def train(args: WorkerArgs) -> None:
         )
         hooks.append(EvaluationHook(evaluator, ray.train.get_dataset_shard("val")))
     layout = {"world_size": world, "batch_size": job.data.batch_size, "iters_per_epoch": args.iters_per_epoch}
-    export = ExportModel(job, categories, tracker, rank, args.run_dir)
-    hooks += [export, Checkpointer(train.checkpoint_every_iters, rank, layout)]
+    hooks += [
+        ExportModel(job, categories, tracker, rank, args.run_dir),
+        Checkpointer(train.checkpoint_every_iters, rank, layout),
+    ]
 
     group = worker_group_id()
 
